@@ -1,0 +1,1 @@
+"""Input data: sources, tokenisation and batching."""

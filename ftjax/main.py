@@ -1,0 +1,42 @@
+"""ftjax entry point.
+
+  python -m ftjax.main --config=configs/sentiment_minilm.py --workdir=/tmp/run \
+      --config.model.name_or_path=/path/to/model
+
+Errors in the user's input (bad config, missing files, a checkpoint that does
+not fit) print one line and exit with status 1.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ftjax import config as config_lib
+from ftjax import probe
+from ftjax.errors import FtjaxError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/<exp>.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for logs, metrics and checkpoints.")
+_MODE = flags.DEFINE_enum("mode", "probe", ["probe"],
+                          "probe: load the model and run one forward pass on real text.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    config = config_lib.validate(_CONFIG.value)
+    logging.info("JAX process %d of %d, devices: %s", jax.process_index(),
+                 jax.process_count(), jax.devices())
+    if _MODE.value == "probe":
+      probe.run(config, _WORKDIR.value)
+  except FtjaxError as e:
+    sys.exit(f"ftjax: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

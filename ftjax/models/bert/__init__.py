@@ -1,0 +1,1 @@
+"""BERT, RoBERTa and DistilBERT encoders."""

@@ -1,0 +1,313 @@
+"""BERT-family encoders in Flax NNX: BERT, RoBERTa and DistilBERT.
+
+The three share one post-LayerNorm transformer encoder and one parameter tree;
+they differ only in how positions are numbered, whether token types exist, and
+the shape of the classification head:
+
+  BERT        pooler = tanh(dense(h[:, 0]))      -> dropout -> classifier/out
+  RoBERTa     dropout -> tanh(classifier/dense(h[:, 0])) -> dropout -> classifier/out
+  DistilBERT  relu(classifier/dense(h[:, 0]))   -> dropout -> classifier/out
+
+Parameter tree (the names partition rules, LoRA targets and sharding use):
+
+  embeddings/{word,position,token_type}/embedding, embeddings/norm/{scale,bias}
+  encoder/layers/{i}/attention/{query,key,value,output}/{kernel,bias}
+  encoder/layers/{i}/attention_norm/{scale,bias}
+  encoder/layers/{i}/mlp/{up,down}/{kernel,bias}
+  encoder/layers/{i}/mlp_norm/{scale,bias}
+  pooler/{kernel,bias}                       (BERT; RoBERTa's base model)
+  classifier/dense/{kernel,bias}             (RoBERTa, DistilBERT)
+  classifier/out/{kernel,bias}
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax.models import layers
+
+MODEL_TYPES = ("bert", "roberta", "distilbert")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Architecture of a BERT-family encoder, in one vocabulary for all three."""
+
+  model_type: str
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position_embeddings: int
+  type_vocab_size: int  # 0: no token-type embeddings (DistilBERT).
+  hidden_act: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  classifier_dropout: float = 0.1
+  pad_token_id: int = 0
+  initializer_range: float = 0.02
+  # What the model computes: "encoder" (hidden states) or "classification".
+  task: str = "encoder"
+  num_labels: int = 2
+  # Compute dtype; parameters are always float32.
+  dtype: str = "float32"
+  # Does the model carry BERT's pretrained pooler (dense + tanh over h[:, 0])?
+  has_pooler: bool = True
+  # Fields of the Hugging Face config that ftjax does not use (id2label,
+  # bos/eos ids, ...), kept so an exported config.json round-trips. Hashable.
+  hf_extra: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_hf(cls, hf: dict, *, task: str, num_labels: int | None, dtype: str) -> "EncoderConfig":
+    model_type = hf["model_type"]
+    labels = num_labels if num_labels is not None else len(hf.get("id2label") or {}) or 2
+    if model_type == "distilbert":
+      fields = dict(
+          vocab_size=hf["vocab_size"], hidden_size=hf["dim"], num_layers=hf["n_layers"],
+          num_heads=hf["n_heads"], intermediate_size=hf["hidden_dim"],
+          max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=0,
+          hidden_act=hf.get("activation", "gelu"), layer_norm_eps=1e-12,
+          hidden_dropout=hf.get("dropout", 0.1), attention_dropout=hf.get("attention_dropout", 0.1),
+          classifier_dropout=hf.get("seq_classif_dropout", 0.2),
+          pad_token_id=hf.get("pad_token_id", 0) or 0, has_pooler=False)
+    else:
+      classifier_dropout = hf.get("classifier_dropout")
+      fields = dict(
+          vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+          num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+          intermediate_size=hf["intermediate_size"],
+          max_position_embeddings=hf["max_position_embeddings"],
+          type_vocab_size=hf.get("type_vocab_size", 2), hidden_act=hf.get("hidden_act", "gelu"),
+          layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+          hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+          attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+          classifier_dropout=(classifier_dropout if classifier_dropout is not None
+                              else hf.get("hidden_dropout_prob", 0.1)),
+          pad_token_id=hf.get("pad_token_id", 0) or 0,
+          # RoBERTa's classification head replaces the pooler.
+          has_pooler=not (model_type == "roberta" and task == "classification"))
+    used = _HF_FIELDS[model_type]
+    extra = tuple(sorted((k, _freeze(v)) for k, v in hf.items() if k not in used))
+    return cls(model_type=model_type, initializer_range=hf.get("initializer_range", 0.02),
+               task=task, num_labels=labels, dtype=dtype, hf_extra=extra, **fields)
+
+  def to_hf(self) -> dict:
+    """The Hugging Face config.json contents for this architecture."""
+    hf = {k: _thaw(v) for k, v in self.hf_extra}
+    if self.model_type == "distilbert":
+      hf.update(dim=self.hidden_size, n_layers=self.num_layers, n_heads=self.num_heads,
+                hidden_dim=self.intermediate_size, activation=self.hidden_act,
+                dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
+                seq_classif_dropout=self.classifier_dropout)
+    else:
+      hf.update(hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+                num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
+                type_vocab_size=self.type_vocab_size, hidden_act=self.hidden_act,
+                layer_norm_eps=self.layer_norm_eps, hidden_dropout_prob=self.hidden_dropout,
+                attention_probs_dropout_prob=self.attention_dropout,
+                classifier_dropout=self.classifier_dropout)
+    hf.update(model_type=self.model_type, vocab_size=self.vocab_size,
+              max_position_embeddings=self.max_position_embeddings,
+              pad_token_id=self.pad_token_id, initializer_range=self.initializer_range)
+    if self.task == "classification":
+      id2label = hf.get("id2label") or {}
+      if len(id2label) != self.num_labels:
+        id2label = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+      hf["id2label"] = id2label
+      hf["label2id"] = {v: int(k) for k, v in id2label.items()}
+    return hf
+
+
+_COMMON_HF_FIELDS = {"model_type", "vocab_size", "max_position_embeddings", "pad_token_id",
+                     "initializer_range", "architectures", "transformers_version", "dtype",
+                     "torch_dtype", "label2id", "num_labels"}
+_HF_FIELDS = {
+    "distilbert": _COMMON_HF_FIELDS | {"dim", "n_layers", "n_heads", "hidden_dim", "activation",
+                                       "dropout", "attention_dropout", "seq_classif_dropout"},
+    "bert": _COMMON_HF_FIELDS | {"hidden_size", "num_hidden_layers", "num_attention_heads",
+                                 "intermediate_size", "type_vocab_size", "hidden_act",
+                                 "layer_norm_eps", "hidden_dropout_prob",
+                                 "attention_probs_dropout_prob", "classifier_dropout"},
+}
+_HF_FIELDS["roberta"] = _HF_FIELDS["bert"]
+
+
+def _freeze(value):
+  if isinstance(value, dict):
+    return ("__dict__", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
+  if isinstance(value, list):
+    return ("__list__", tuple(_freeze(v) for v in value))
+  return value
+
+
+def _thaw(value):
+  if isinstance(value, tuple) and len(value) == 2 and value[0] == "__dict__":
+    return {k: _thaw(v) for k, v in value[1]}
+  if isinstance(value, tuple) and len(value) == 2 and value[0] == "__list__":
+    return [_thaw(v) for v in value[1]]
+  return value
+
+
+class EncoderOutput(NamedTuple):
+  last_hidden_state: jax.Array          # (batch, seq, embed)
+  hidden_states: tuple[jax.Array, ...]  # embeddings output + every layer's output
+  pooled: jax.Array | None              # BERT pooler output, (batch, embed)
+  logits: jax.Array | None              # (batch, num_labels) for classification
+
+
+class Embeddings(nnx.Module):
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    dtype, std = jnp.dtype(cfg.dtype), cfg.initializer_range
+    self.word = layers.embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
+                             init_std=std, dtype=dtype, rngs=rngs)
+    self.position = layers.embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                 axes=("positions", "embed"), init_std=std, dtype=dtype, rngs=rngs)
+    if cfg.type_vocab_size:
+      self.token_type = layers.embed(cfg.type_vocab_size, cfg.hidden_size,
+                                     axes=("token_types", "embed"), init_std=std, dtype=dtype,
+                                     rngs=rngs)
+    self.norm = layers.layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout)
+    self.model_type = cfg.model_type
+    self.pad_token_id = cfg.pad_token_id
+
+  def __call__(self, input_ids_bs, token_type_ids_bs, *, deterministic, rngs):
+    if self.model_type == "roberta":
+      # RoBERTa numbers real tokens from pad_token_id + 1 and gives padding
+      # the padding index (fairseq's make_positions).
+      is_token = (input_ids_bs != self.pad_token_id).astype(jnp.int32)
+      positions_bs = jnp.cumsum(is_token, axis=1) * is_token + self.pad_token_id
+    else:
+      positions_bs = jnp.broadcast_to(jnp.arange(input_ids_bs.shape[1]), input_ids_bs.shape)
+    x_bse = self.word(input_ids_bs) + self.position(positions_bs)
+    if hasattr(self, "token_type"):
+      if token_type_ids_bs is None:
+        token_type_ids_bs = jnp.zeros_like(input_ids_bs)
+      x_bse = x_bse + self.token_type(token_type_ids_bs)
+    return self.dropout(self.norm(x_bse), deterministic=deterministic, rngs=rngs)
+
+
+class SelfAttention(nnx.Module):
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    dtype, std = jnp.dtype(cfg.dtype), cfg.initializer_range
+    heads = (cfg.num_heads, cfg.head_dim)
+    self.query, self.key, self.value = (
+        layers.Dense(cfg.hidden_size, heads, axes=("embed", "heads", "kv"), init_std=std,
+                     dtype=dtype, rngs=rngs) for _ in range(3))
+    self.output = layers.Dense(heads, cfg.hidden_size, axes=("heads", "kv", "embed"),
+                               init_std=std, dtype=dtype, rngs=rngs)
+    self.attention_dropout = nnx.Dropout(cfg.attention_dropout)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout)
+
+  def __call__(self, x_bse, mask, *, deterministic, rngs):
+    q_bthd, k_bshd, v_bshd = self.query(x_bse), self.key(x_bse), self.value(x_bse)
+    out_bthd = layers.attention(q_bthd, k_bshd, v_bshd, mask, dropout=self.attention_dropout,
+                                deterministic=deterministic, rngs=rngs)
+    return self.dropout(self.output(out_bthd), deterministic=deterministic, rngs=rngs)
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    dtype, std = jnp.dtype(cfg.dtype), cfg.initializer_range
+    self.up = layers.Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"),
+                           init_std=std, dtype=dtype, rngs=rngs)
+    self.down = layers.Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"),
+                             init_std=std, dtype=dtype, rngs=rngs)
+    self.activation = layers.activation(cfg.hidden_act)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout)
+
+  def __call__(self, x_bse, *, deterministic, rngs):
+    h_bsm = self.activation(self.up(x_bse))
+    return self.dropout(self.down(h_bsm), deterministic=deterministic, rngs=rngs)
+
+
+class EncoderLayer(nnx.Module):
+  """Post-LayerNorm transformer layer: x = norm(x + sublayer(x))."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.attention = SelfAttention(cfg, rngs=rngs)
+    self.attention_norm = layers.layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps,
+                                            dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+    self.mlp_norm = layers.layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype,
+                                      rngs=rngs)
+
+  def __call__(self, x_bse, mask, *, deterministic, rngs):
+    x_bse = self.attention_norm(
+        x_bse + self.attention(x_bse, mask, deterministic=deterministic, rngs=rngs))
+    return self.mlp_norm(x_bse + self.mlp(x_bse, deterministic=deterministic, rngs=rngs))
+
+
+class Encoder(nnx.Module):
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+
+
+class ClassificationHead(nnx.Module):
+  """RoBERTa's and DistilBERT's head; BERT's has only `out` (it uses the pooler)."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    dtype, std = jnp.dtype(cfg.dtype), cfg.initializer_range
+    if cfg.model_type in ("roberta", "distilbert"):
+      self.dense = layers.Dense(cfg.hidden_size, cfg.hidden_size, axes=("embed", "embed_out"),
+                                init_std=std, dtype=dtype, rngs=rngs)
+    self.out = layers.Dense(cfg.hidden_size, cfg.num_labels, axes=("embed", "labels"),
+                            init_std=std, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.classifier_dropout)
+    self.model_type = cfg.model_type
+
+  def __call__(self, features_be, *, deterministic, rngs):
+    x_be = features_be
+    if self.model_type == "roberta":
+      x_be = self.dropout(x_be, deterministic=deterministic, rngs=rngs)
+      x_be = jnp.tanh(self.dense(x_be))
+    elif self.model_type == "distilbert":
+      x_be = jax.nn.relu(self.dense(x_be))
+    x_be = self.dropout(x_be, deterministic=deterministic, rngs=rngs)
+    return self.out(x_be)
+
+
+class BertFamilyModel(nnx.Module):
+  """Embeddings + encoder, with BERT's pooler and a classification head as configured."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.encoder = Encoder(cfg, rngs=rngs)
+    if cfg.has_pooler:
+      self.pooler = layers.Dense(cfg.hidden_size, cfg.hidden_size, axes=("embed", "embed_out"),
+                                 init_std=cfg.initializer_range, dtype=jnp.dtype(cfg.dtype),
+                                 rngs=rngs)
+    if cfg.task == "classification":
+      self.classifier = ClassificationHead(cfg, rngs=rngs)
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> EncoderOutput:
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    mask = layers.padding_mask(attention_mask)
+    x_bse = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+    hidden_states = [x_bse]
+    for layer in self.encoder.layers:
+      x_bse = layer(x_bse, mask, deterministic=deterministic, rngs=rngs)
+      hidden_states.append(x_bse)
+    pooled_be = jnp.tanh(self.pooler(x_bse[:, 0])) if hasattr(self, "pooler") else None
+    logits = None
+    if self.config.task == "classification":
+      features_be = pooled_be if self.config.model_type == "bert" else x_bse[:, 0]
+      logits = self.classifier(features_be, deterministic=deterministic, rngs=rngs)
+    return EncoderOutput(x_bse, tuple(hidden_states), pooled_be, logits)

@@ -1,0 +1,182 @@
+"""`Model`, and loading/saving Hugging Face checkpoints.
+
+A `Model` is a Flax NNX module split once into its static graph and a plain
+parameter pytree (nested dicts of arrays, keys like
+`encoder/layers/3/attention/query/kernel`). Everything downstream (optax
+partitions, orbax, sharding, LoRA) works on that plain pytree;
+`model.apply(params, ...)` merges them back for a forward pass, which costs
+nothing at run time inside `jax.jit`.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from safetensors.numpy import save_file
+
+from ftjax.errors import CheckpointError, ConfigError
+from ftjax.models import hub, keymap
+from ftjax.models.registry import FAMILIES, Family
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """A model's architecture: config, NNX graph and parameter shapes (no weights)."""
+
+  config: Any
+  family: Family
+  graphdef: Any
+  # Pure-dict tree of jax.ShapeDtypeStruct, the shape of `params`.
+  abstract_params: Params
+  # Flat "path" -> logical axis names of each parameter.
+  param_axes: dict[str, tuple[str, ...]]
+
+  @classmethod
+  def build(cls, config) -> "Model":
+    family = FAMILIES[config.model_type]
+    module = nnx.eval_shape(lambda: family.module(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(module)
+    flat_state = keymap.flatten(nnx.to_pure_dict(state))
+    axes = {}
+    for path, variable in state.flat_state():
+      if not isinstance(variable, nnx.Param):
+        raise TypeError(f"{'/'.join(map(str, path))} is a {type(variable).__name__}; "
+                        f"ftjax models hold only nnx.Param")
+      axes["/".join(map(str, path))] = variable.get_metadata()["logical_axes"]
+    assert set(axes) == set(flat_state)
+    return cls(config=config, family=family, graphdef=graphdef,
+               abstract_params=nnx.to_pure_dict(state), param_axes=axes)
+
+  def init(self, rng: jax.Array, only: Iterable[str] | None = None) -> Params:
+    """Random parameters; with `only`, just those flat paths (XLA drops the rest)."""
+    keep = None if only is None else set(only)
+
+    def init_fn(key):
+      params = nnx.to_pure_dict(nnx.state(self.family.module(self.config, rngs=nnx.Rngs(key))))
+      if keep is None:
+        return params
+      return {p: v for p, v in keymap.flatten(params).items() if p in keep}
+
+    return jax.jit(init_fn)(rng)
+
+  def apply(self, params: Params, *args, **kwargs):
+    """Runs the model: `model.apply(params, input_ids, attention_mask, ...)`."""
+    return nnx.merge(self.graphdef, params)(*args, **kwargs)
+
+  def num_params(self) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))
+
+
+def _family(model_type: str | None, where: str) -> Family:
+  if model_type not in FAMILIES:
+    raise CheckpointError(
+        f"model_type {model_type!r} in {where} is not supported; supported model types: "
+        f"{', '.join(sorted(FAMILIES))}")
+  return FAMILIES[model_type]
+
+
+def config_from_pretrained(name_or_path: str, *, task: str = "encoder",
+                           num_labels: int | None = None, dtype: str = "float32"):
+  """The ftjax config of a checkpoint, read from its config.json only."""
+  folder = hub.resolve(name_or_path)
+  return _config(folder, hub.read_config(folder), task, num_labels, dtype)
+
+
+def _config(folder, hf_config, task, num_labels, dtype):
+  family = _family(hf_config.get("model_type"), str(folder / hub.CONFIG))
+  if task not in family.architectures:
+    raise ConfigError(f"task {task!r} is not supported for {hf_config['model_type']}; "
+                      f"expected one of {sorted(family.architectures)}")
+  if num_labels is not None and num_labels < 1:
+    raise ConfigError(f"num_labels={num_labels}; expected a positive number of classes")
+  return family.config_from_hf(hf_config, task=task, num_labels=num_labels, dtype=dtype)
+
+
+def from_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int | None = None,
+                    dtype: str = "float32", allow_pickle: bool = False,
+                    seed: int = 0) -> tuple[Model, Params]:
+  """Loads a Hugging Face checkpoint as (Model, params).
+
+  `name_or_path` is a local folder or a hub id. Every checkpoint tensor must
+  map to a parameter (or be a known unused one, such as a pre-training head),
+  and every parameter must be filled, except task heads the checkpoint lacks,
+  which are initialised from `seed` and reported in one log line.
+  """
+  folder = hub.resolve(name_or_path)
+  config = _config(folder, hub.read_config(folder), task, num_labels, dtype)
+  model = Model.build(config)
+  table = model.family.table
+  flat_shapes = {p: tuple(x.shape) for p, x in keymap.flatten(model.abstract_params).items()}
+  tensors = hub.open_weights(folder, allow_pickle=allow_pickle)
+  filled, skipped = keymap.import_params(table, tensors, flat_shapes, source=str(folder))
+
+  missing = [p for p in flat_shapes if p not in filled]
+  required = [p for p in missing if not table.match_flax(p, task_model=False)[1].optional]
+  if required:
+    names = [table.match_flax(p, task_model=False)[0] for p in required]
+    more = f" (and {len(required) - 1} more)" if len(required) > 1 else ""
+    raise CheckpointError(f"{folder} is missing tensor {names[0]!r} for parameter "
+                          f"{required[0]!r}{more}")
+  if skipped:
+    logging.info("Not used by this model (task=%s): %s", task, ", ".join(skipped))
+  flat = {p: jnp.asarray(x, dtype=jnp.float32) for p, x in filled.items()}
+  if missing:
+    logging.warning("Newly initialized (not in the checkpoint; train them before use): %s",
+                    ", ".join(missing))
+    flat.update(model.init(jax.random.key(seed), only=missing))
+  return model, keymap.unflatten(flat, model.abstract_params)
+
+
+def save_pretrained(params: Params, config, out_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes `config.json` + `model.safetensors` that transformers (PyTorch) loads.
+
+  Both files are written to temporary names and renamed into place, so an
+  interrupted export never leaves a half-written checkpoint behind.
+  """
+  family = _family(config.model_type, "the config")
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  flat = {p: np.asarray(jax.device_get(x), dtype=np.float32)
+          for p, x in keymap.flatten(params).items()}
+  tensors = keymap.export_params(family.table, flat, task_model=config.task != "encoder")
+  hf_config = config.to_hf()
+  hf_config["architectures"] = [family.architectures[config.task]]
+  hf_config["dtype"] = "float32"
+  _atomic_write(out / hub.SAFETENSORS,
+                lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+  _atomic_write(out / hub.CONFIG, lambda path: pathlib.Path(path).write_text(
+      json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+  return out
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def load_tokenizer(name_or_path: str):
+  """The checkpoint's tokenizer, via `transformers.AutoTokenizer` (no remote code)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  folder = hub.resolve(name_or_path)
+  try:
+    return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"no usable tokenizer in {folder}: {str(e).splitlines()[0]}") from None
