@@ -25,6 +25,21 @@ _MODE = flags.DEFINE_enum("mode", "probe", ["probe"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a bad `--config.<key>` override reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"ftjax: error: {e}")
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for an override of a key the config lacks.
+    missing = str(e).strip("\"'")
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    bad = next((o for o in overrides if missing in o.split(".")), f"--config.{missing}")
+    sys.exit(f"ftjax: error: unknown config key {bad[len('--config.'):]!r} (from {bad}); "
+             f"configs/forkme.py lists every key")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -39,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -24,6 +24,11 @@ PICKLE = "pytorch_model.bin"
 # What a snapshot download fetches: config, weights and tokenizer files.
 _HUB_PATTERNS = [CONFIG, "*.safetensors", SAFETENSORS_INDEX, "tokenizer*", "vocab*",
                  "merges.txt", "special_tokens_map.json", "*.model", "generation_config.json"]
+_HUB_FAILURES = {
+    "LocalEntryNotFoundError": "the hub is unreachable and it is not in the local cache",
+    "RepositoryNotFoundError": "no such repository, or it is private",
+    "GatedRepoError": "the repository is gated: log in with `hf auth login` first",
+}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -49,11 +54,12 @@ def resolve(name_or_path: str) -> pathlib.Path:
                                                           allow_patterns=_HUB_PATTERNS))
   except Exception as e:  # pylint: disable=broad-except
     # Offline, no cache, unknown repo, gated repo, network down: all end here.
-    reason = type(e).__name__
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    reason = _HUB_FAILURES.get(type(e).__name__, type(e).__name__)
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+      reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
     raise CheckpointError(
         f"model {name_or_path!r} is not a local folder and could not be fetched from the "
-        f"Hugging Face hub ({'HF_HUB_OFFLINE is set' if offline else reason}); download it "
+        f"Hugging Face hub ({reason}); download it "
         f"where the hub is reachable (`hf download {name_or_path} --local-dir DIR`) and pass "
         f"the folder, e.g. --config.model.name_or_path=DIR") from None
 

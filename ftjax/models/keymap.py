@@ -144,7 +144,8 @@ def import_params(table: KeyTable, tensors: TensorSource, flax_shapes: Mapping[s
                   source: str) -> tuple[FlatParams, list[str]]:
   """Maps checkpoint tensors onto Flax paths.
 
-  Returns (filled parameters, names of skipped tensors). Raises if a tensor is
+  Returns (filled parameters, names of skipped tensors: ignorable ones, task
+  heads the model lacks or needs in another size). Raises if a tensor is
   neither mapped nor ignorable, maps to a non-optional path the model does not
   have, or has the wrong shape.
   """
@@ -162,6 +163,11 @@ def import_params(table: KeyTable, tensors: TensorSource, flax_shapes: Mapping[s
     transform = rule.transform
     want = transform.hf_shape(flax_shapes[path])
     have = tuple(tensors.shape(name))
+    if have != want and rule.optional and not rule.base:
+      # A task head of another size (a 3-class checkpoint fine-tuned for 2
+      # classes): skipped here, so the caller initialises a new head.
+      ignored.append(f"{name} (shape {have}, the model needs {want})")
+      continue
     if have != want:
       raise CheckpointError(
           f"tensor {name!r} in {source} has shape {have}, but the model expects {want} for "

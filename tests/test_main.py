@@ -1,0 +1,30 @@
+"""`python -m ftjax.main` end to end: the real checkpoint on a batch of real text."""
+
+import json
+import os
+import subprocess
+import sys
+
+from ftjax import models
+from tests.conftest import REPO
+
+
+def test_probe_runs_minilm_on_rotten_tomatoes(minilm_dir, data_dir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "ftjax.main", "--config=configs/sentiment_minilm.py",
+       f"--workdir={tmp_path}", f"--config.model.name_or_path={minilm_dir}",
+       f"--config.data.path={data_dir / 'rotten_tomatoes'}", "--config.batch_size=8"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  config = models.config_from_pretrained(str(minilm_dir), task="classification", num_labels=2)
+  assert report["num_params"] == models.Model.build(config).num_params() == 22_713_986
+  batch, seq = report["input_ids"]
+  assert batch == 8 and 2 < seq <= 64
+  assert report["last_hidden_state"] == [8, seq, 384]
+  assert report["logits"] == [8, 2]
+  # The head is new and said so once; the encoder came from the checkpoint.
+  assert result.stderr.count("Newly initialized") == 1
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["name_or_path"] == str(minilm_dir)
