@@ -50,6 +50,9 @@ class Dense(nnx.LinearGeneral):
     out_tuple = tuple(out_features) if isinstance(out_features, Sequence) else (out_features,)
     if len(axes) != len(in_tuple) + len(out_tuple):
       raise ValueError(f"axes {axes} do not match kernel shape {in_tuple + out_tuple}")
+    # Kept so ftjax.peft.lora can build an adapter of matching shape.
+    self.axes = tuple(axes)
+    self.init_std = init_std
     super().__init__(
         in_tuple, out_tuple,
         axis=tuple(range(-len(in_tuple), 0)),

@@ -42,11 +42,13 @@ class Model:
   abstract_params: Params
   # Flat "path" -> logical axis names of each parameter.
   param_axes: dict[str, tuple[str, ...]]
+  # LoRA adapters injected into the family's module (ftjax.peft.lora.LoraSpec).
+  lora: Any = None
 
   @classmethod
-  def build(cls, config) -> "Model":
+  def build(cls, config, lora=None) -> "Model":
     family = FAMILIES[config.model_type]
-    module = nnx.eval_shape(lambda: family.module(config, rngs=nnx.Rngs(0)))
+    module = nnx.eval_shape(lambda: _construct(family, config, lora, nnx.Rngs(0)))
     graphdef, state = nnx.split(module)
     flat_state = keymap.flatten(nnx.to_pure_dict(state))
     axes = {}
@@ -57,14 +59,15 @@ class Model:
       axes["/".join(map(str, path))] = variable.get_metadata()["logical_axes"]
     assert set(axes) == set(flat_state)
     return cls(config=config, family=family, graphdef=graphdef,
-               abstract_params=nnx.to_pure_dict(state), param_axes=axes)
+               abstract_params=nnx.to_pure_dict(state), param_axes=axes, lora=lora)
 
   def init(self, rng: jax.Array, only: Iterable[str] | None = None) -> Params:
     """Random parameters; with `only`, just those flat paths (XLA drops the rest)."""
     keep = None if only is None else set(only)
 
     def init_fn(key):
-      params = nnx.to_pure_dict(nnx.state(self.family.module(self.config, rngs=nnx.Rngs(key))))
+      module = _construct(self.family, self.config, self.lora, nnx.Rngs(key))
+      params = nnx.to_pure_dict(nnx.state(module))
       if keep is None:
         return params
       return {p: v for p, v in keymap.flatten(params).items() if p in keep}
@@ -77,6 +80,14 @@ class Model:
 
   def num_params(self) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))
+
+
+def _construct(family: Family, config, lora, rngs: nnx.Rngs) -> nnx.Module:
+  module = family.module(config, rngs=rngs)
+  if lora is not None:
+    from ftjax.peft import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    lora_lib.inject(module, lora, rngs=rngs)
+  return module
 
 
 def _family(model_type: str | None, where: str) -> Family:

@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning: trainable partitions and LoRA."""
