@@ -7,6 +7,7 @@ wrong type or outside their range, naming the key.
 """
 
 import os
+from typing import NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
@@ -15,6 +16,10 @@ from ftjax.errors import ConfigError
 
 TASKS = ("encoder", "classification")
 DTYPES = ("float32", "bfloat16", "float16")
+POOLINGS = ("pooler", "cls", "mean")
+SOURCES = ("files", "hf", "tfds")
+STRATEGIES = ("full", "freeze", "head_only", "lora")
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -28,21 +33,108 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.task = "classification"
   # Classes of the classification head; None: from the checkpoint's id2label.
   c.model.num_labels = config_dict.placeholder(int)
+  # What the classifier reads: "pooler" (the Hugging Face head as pre-trained:
+  # BERT's pooler, RoBERTa's/DistilBERT's dense over the first token), "cls"
+  # (the first token's hidden state) or "mean" (mean over non-padding tokens).
+  c.model.pooling = "pooler"
   # Compute dtype; parameters stay float32.
   c.model.dtype = "float32"
   # pytorch_model.bin is a pickle (it can run code when loaded): refused unless True.
   c.model.allow_pickle = False
 
   c.data = ml_collections.ConfigDict()
+  # "files": local files under `path`; "hf": Hugging Face hub dataset `name`;
+  # "tfds": TensorFlow Datasets `name` (needs `pip install -e .[tfds]`).
+  c.data.source = "files"
+  c.data.name = ""
   # A local folder of <split>.jsonl/.json/.csv/.parquet files, or a single file.
   c.data.path = ""
   c.data.text_column = "text"
+  # Second text of a sentence pair (NLI, paraphrase); "" for single sentences.
+  c.data.text_pair_column = ""
   c.data.label_column = "label"
   c.data.train_split = "train"
-  # Longest tokenised sequence; longer ones are truncated.
+  # Longest tokenised sequence; longer ones are truncated (the count is logged).
   c.data.max_length = 128
+  # Padded lengths XLA compiles for (max_length is always one). Empty: pick
+  # `num_buckets` lengths from the training set's length quantiles; 1 bucket
+  # pads everything to max_length.
+  c.data.bucket_lengths = ()
+  c.data.num_buckets = 4
 
-  c.batch_size = 32
+  c.strategy = ml_collections.ConfigDict()
+  # "full" | "freeze" (embeddings + the first `freeze_layers` layers) |
+  # "head_only" (only the classifier) | "lora" (adapters + classifier).
+  c.strategy.name = "full"
+  c.strategy.freeze_layers = 0
+  c.strategy.freeze_embeddings = True
+  # Extra (regex, "trainable"|"frozen") rules over parameter paths, tried
+  # before the strategy's own; first match wins.
+  c.strategy.rules = ()
+  c.strategy.lora = ml_collections.ConfigDict()
+  c.strategy.lora.rank = 8
+  c.strategy.lora.alpha = 16.0
+  c.strategy.lora.dropout = 0.0
+  # Regexes over module paths, e.g. "encoder/layers/3/attention/query".
+  c.strategy.lora.targets = (r".*/attention/(query|value)",)
+
+  c.optimizer = ml_collections.ConfigDict()
+  # AdamW with decoupled weight decay; no decay on biases, norms, embeddings.
+  c.optimizer.learning_rate = 5e-5
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.01
+  # Linear warmup from 0, as steps or as a fraction of training (set at most one).
+  c.optimizer.warmup_steps = config_dict.placeholder(int)
+  c.optimizer.warmup_fraction = config_dict.placeholder(float)
+  # Then linear decay to this learning rate at the last step.
+  c.optimizer.end_learning_rate = 0.0
+  # Clip the global gradient norm (0: no clipping).
+  c.optimizer.grad_clip_norm = 1.0
+  # Split each batch into this many micro-batches, summed inside one step.
+  c.optimizer.accumulation_steps = 1
+
+  c.training = ml_collections.ConfigDict()
+  # Global batch size (examples per optimizer step, over all devices and hosts).
+  c.training.batch_size = 32
+  # Training length, in epochs or steps (set exactly one).
+  c.training.num_epochs = config_dict.placeholder(float)
+  c.training.num_steps = config_dict.placeholder(int)
+  c.training.log_every_steps = 50
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.splits = ("validation", "test")
+  # Evaluate every N steps (None: once per epoch) and always at the end.
+  c.eval.every_steps = config_dict.placeholder(int)
+  c.eval.batch_size = 128
+  # "<split>/<metric>" for keep-best checkpoints and early stopping.
+  c.eval.metric = "validation/accuracy"
+  c.eval.mode = "max"
+  # Stop after this many evaluations without improvement (0: never).
+  c.eval.early_stopping_patience = 0
+
+  c.checkpoint = ml_collections.ConfigDict()
+  # Save every N steps (None: at every evaluation) and at the end.
+  c.checkpoint.every_steps = config_dict.placeholder(int)
+  c.checkpoint.max_to_keep = 2
+  # Also keep the best checkpoint by eval.metric.
+  c.checkpoint.keep_best = True
+
+  c.mesh = ml_collections.ConfigDict()
+  # Devices along each mesh axis; -1 takes the remaining devices.
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # Logical axis name -> mesh axis (or axes); unlisted names are replicated.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+  )
+
   c.seed = 0
   return c
 
@@ -92,11 +184,68 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config key {key!r} is {value!r}; expected {expected}")
 
   require(c.model.task in TASKS, "model.task", c.model.task, f"one of {TASKS}")
+  require(c.model.pooling in POOLINGS, "model.pooling", c.model.pooling, f"one of {POOLINGS}")
   require(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, f"one of {DTYPES}")
   require(c.model.num_labels is None or c.model.num_labels >= 1, "model.num_labels",
           c.model.num_labels, "a positive number of classes")
+  require(c.data.source in SOURCES, "data.source", c.data.source, f"one of {SOURCES}")
   require(c.data.max_length >= 2, "data.max_length", c.data.max_length, "at least 2 tokens")
-  require(c.batch_size >= 1, "batch_size", c.batch_size, "a positive number of examples")
+  require(c.data.num_buckets >= 1, "data.num_buckets", c.data.num_buckets, "at least 1")
+  require(all(isinstance(n, int) and n >= 1 for n in c.data.bucket_lengths),
+          "data.bucket_lengths", c.data.bucket_lengths, "positive lengths")
+  require(c.strategy.name in STRATEGIES, "strategy.name", c.strategy.name,
+          f"one of {STRATEGIES}")
+  require(c.strategy.freeze_layers >= 0, "strategy.freeze_layers", c.strategy.freeze_layers,
+          "a number of layers >= 0")
+  require(all(len(r) == 2 and r[1] in ("trainable", "frozen") for r in c.strategy.rules),
+          "strategy.rules", c.strategy.rules, '(regex, "trainable"|"frozen") pairs')
+  require(c.strategy.lora.rank >= 1, "strategy.lora.rank", c.strategy.lora.rank,
+          "a LoRA rank >= 1")
+  require(c.strategy.lora.alpha > 0, "strategy.lora.alpha", c.strategy.lora.alpha, "> 0")
+  require(0 <= c.strategy.lora.dropout < 1, "strategy.lora.dropout", c.strategy.lora.dropout,
+          "a probability in [0, 1)")
+  require(len(c.strategy.lora.targets) >= 1, "strategy.lora.targets", c.strategy.lora.targets,
+          "at least one regex")
+  o = c.optimizer
+  require(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a learning rate > 0")
+  require(o.end_learning_rate >= 0, "optimizer.end_learning_rate", o.end_learning_rate, ">= 0")
+  require(0 <= o.b1 < 1, "optimizer.b1", o.b1, "a value in [0, 1)")
+  require(0 <= o.b2 < 1, "optimizer.b2", o.b2, "a value in [0, 1)")
+  require(o.eps > 0, "optimizer.eps", o.eps, "> 0")
+  require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, ">= 0")
+  require(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", o.grad_clip_norm,
+          ">= 0 (0: no clipping)")
+  require(o.accumulation_steps >= 1, "optimizer.accumulation_steps", o.accumulation_steps,
+          ">= 1")
+  require(o.warmup_steps is None or o.warmup_fraction is None, "optimizer.warmup_steps",
+          o.warmup_steps, "unset when optimizer.warmup_fraction is set (set one of them)")
+  require(o.warmup_steps is None or o.warmup_steps >= 0, "optimizer.warmup_steps",
+          o.warmup_steps, ">= 0")
+  require(o.warmup_fraction is None or 0 <= o.warmup_fraction < 1,
+          "optimizer.warmup_fraction", o.warmup_fraction, "a fraction in [0, 1)")
+  t = c.training
+  require(t.batch_size >= 1, "training.batch_size", t.batch_size,
+          "a positive number of examples")
+  require(t.batch_size % o.accumulation_steps == 0, "training.batch_size", t.batch_size,
+          f"a multiple of optimizer.accumulation_steps={o.accumulation_steps}")
+  require((t.num_epochs is None) != (t.num_steps is None), "training.num_epochs",
+          t.num_epochs, "exactly one of training.num_epochs and training.num_steps set")
+  require(t.num_epochs is None or t.num_epochs > 0, "training.num_epochs", t.num_epochs, "> 0")
+  require(t.num_steps is None or t.num_steps >= 1, "training.num_steps", t.num_steps, ">= 1")
+  require(t.log_every_steps >= 1, "training.log_every_steps", t.log_every_steps, ">= 1")
+  require(c.eval.every_steps is None or c.eval.every_steps >= 1, "eval.every_steps",
+          c.eval.every_steps, ">= 1 (or None: once per epoch)")
+  require(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, ">= 1")
+  require(c.eval.mode in ("max", "min"), "eval.mode", c.eval.mode, "'max' or 'min'")
+  require(c.eval.early_stopping_patience >= 0, "eval.early_stopping_patience",
+          c.eval.early_stopping_patience, ">= 0 (0: off)")
+  require(c.checkpoint.every_steps is None or c.checkpoint.every_steps >= 1,
+          "checkpoint.every_steps", c.checkpoint.every_steps, ">= 1 (or None)")
+  require(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", c.checkpoint.max_to_keep,
+          ">= 1")
+  for axis in MESH_AXES:
+    size = c.mesh[axis]
+    require(size == -1 or size >= 1, f"mesh.{axis}", size, "a device count >= 1, or -1")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -104,3 +253,33 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_keys(config, default_config())
   _check_values(config)
   return config
+
+
+class Steps(NamedTuple):
+  """Every duration of a run, in optimizer steps."""
+  total: int
+  warmup: int
+  eval_every: int
+  checkpoint_every: int
+  steps_per_epoch: int
+
+
+def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Steps:
+  """Epochs, fractions and `None` defaults -> steps. The loop only sees steps."""
+  if steps_per_epoch < 1:
+    raise ConfigError(f"training.batch_size={config.training.batch_size} is larger than the "
+                      f"training split; expected at least one full batch per epoch")
+  t, o = config.training, config.optimizer
+  total = (t.num_steps if t.num_steps is not None
+           else max(1, round(t.num_epochs * steps_per_epoch)))
+  if o.warmup_steps is not None:
+    warmup = o.warmup_steps
+  elif o.warmup_fraction is not None:
+    warmup = int(o.warmup_fraction * total)
+  else:
+    warmup = 0
+  if warmup >= total:
+    raise ConfigError(f"warmup of {warmup} steps is not shorter than training ({total} steps)")
+  eval_every = config.eval.every_steps or steps_per_epoch
+  checkpoint_every = config.checkpoint.every_steps or eval_every
+  return Steps(total, warmup, eval_every, checkpoint_every, steps_per_epoch)

@@ -7,6 +7,7 @@ Errors in the user's input (bad config, missing files, a checkpoint that does
 not fit) print one line and exit with status 1.
 """
 
+import logging as pylogging
 import sys
 
 import jax
@@ -14,14 +15,19 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ftjax import config as config_lib
-from ftjax import probe
+from ftjax import probe, train
 from ftjax.errors import FtjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/<exp>.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for logs, metrics and checkpoints.")
-_MODE = flags.DEFINE_enum("mode", "probe", ["probe"],
-                          "probe: load the model and run one forward pass on real text.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "probe"],
+    "train: fine-tune and evaluate (resuming from workdir's latest checkpoint); "
+    "probe: load the model and run one forward pass on real text.")
+_STOP_AT_STEP = flags.DEFINE_integer(
+    "stop_at_step", None, "Stop (with a checkpoint) at this step; rerun the same command to "
+    "continue. For queues with time limits.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,15 +46,27 @@ def _parse_flags(argv: list[str]) -> list[str]:
              f"configs/forkme.py lists every key")
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of the checkpoint and data libraries (warnings still show)."""
+
+  _NOISY = ("/orbax/", "/grain/", "/etils/", "/tensorstore/")
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno > pylogging.INFO or not any(n in record.pathname for n in self._NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     config = config_lib.validate(_CONFIG.value)
     logging.info("JAX process %d of %d, devices: %s", jax.process_index(),
                  jax.process_count(), jax.devices())
     if _MODE.value == "probe":
       probe.run(config, _WORKDIR.value)
+    else:
+      train.train_and_evaluate(config, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
   except FtjaxError as e:
     sys.exit(f"ftjax: error: {e}")
 

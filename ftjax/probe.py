@@ -21,11 +21,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir_path.mkdir(parents=True, exist_ok=True)
   (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-  texts = sources.load_split(config.data.path, config.data.train_split)[:config.batch_size]
+  texts = sources.load_split(config.data, config.data.train_split)[:config.training.batch_size]
   texts = texts[config.data.text_column]
   model, params = models.from_pretrained(
       config.model.name_or_path, task=config.model.task, num_labels=config.model.num_labels,
-      dtype=config.model.dtype, allow_pickle=config.model.allow_pickle, seed=config.seed)
+      dtype=config.model.dtype, pooling=config.model.pooling, allow_pickle=config.model.allow_pickle, seed=config.seed)
   tokenizer = models.load_tokenizer(config.model.name_or_path)
   batch = tokenizer(texts, padding=True, truncation=True, max_length=config.data.max_length,
                     return_tensors="np")

@@ -1,17 +1,33 @@
-"""Reading dataset splits from local files through Hugging Face `datasets`.
+"""Reading one dataset split as a Hugging Face `datasets.Dataset`.
 
-`data.path` is a folder holding one file per split (`train.jsonl`,
-`validation.jsonl`, ...; JSON Lines, JSON, CSV or Parquet) or a single file.
-The shared datasets are read in place from `$FTJAX_DATA_DIR/<name>`.
+`config.data.source` says where the records come from:
+
+- "files": `data.path` is a folder holding one file per split (`train.jsonl`,
+  `validation.jsonl`, ...; JSON Lines, JSON, CSV or Parquet) or a single file.
+  The shared datasets are read in place from `$FTJAX_DATA_DIR/<name>`.
+- "hf": `data.name` is a hub dataset id, read with `datasets.load_dataset`.
+- "tfds": `data.name` is a TFDS name, read through `tfds.data_source` (random
+  access, no TensorFlow graph); `data.path`, if set, is the TFDS data_dir.
+
+Every source ends as the same `datasets.Dataset`, checked here for what every
+later stage relies on: the configured columns exist and the split is not
+empty. Anything the user can get wrong raises `ConfigError` with one line.
 """
 
+import codecs
 import pathlib
 
 import datasets
+import ml_collections
 
+from ftjax.config import SOURCES
 from ftjax.errors import ConfigError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Text formats are checked for UTF-8 before `datasets` reads them: pyarrow
+# accepts invalid bytes and the error only surfaces when a row is read.
+_TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
+_FILES_HINT = "--config.data.source=files --config.data.path=DIR"
 
 
 def split_file(path: str, split: str) -> pathlib.Path:
@@ -34,10 +50,151 @@ def split_file(path: str, split: str) -> pathlib.Path:
                     f"{split}.json, {split}.csv or {split}.parquet")
 
 
-def load_split(path: str, split: str) -> datasets.Dataset:
+def load_split(data_config: ml_collections.ConfigDict, split: str) -> datasets.Dataset:
+  """Reads `split` from the configured source and checks its columns.
+
+  Args:
+    data_config: `config.data`.
+    split: "train", "validation", ...; for TFDS any split expression
+      ("train[:10%]").
+
+  Returns:
+    The split with at least the text, text-pair (if set) and label columns.
+  """
+  source = data_config.source
+  if source == "files":
+    dataset = _load_files(data_config.path, split)
+  elif source == "hf":
+    dataset = _load_hub(data_config.name, split)
+  elif source == "tfds":
+    dataset = _load_tfds(data_config, split)
+  else:
+    raise ConfigError(f"data.source is {source!r}; expected one of {SOURCES}")
+  _check_columns(dataset.column_names, data_config, f"{source} split {split!r}")
+  if len(dataset) == 0:
+    raise ConfigError(f"split {split!r} of data source {source!r} is empty; "
+                      f"expected at least one example")
+  return dataset
+
+
+def required_columns(data_config: ml_collections.ConfigDict) -> list[str]:
+  """The columns ftjax reads: text, text pair (when set), label."""
+  names = [data_config.text_column, data_config.text_pair_column, data_config.label_column]
+  return [name for name in names if name]
+
+
+def _check_columns(available: list[str], data_config: ml_collections.ConfigDict,
+                   where: str) -> None:
+  for key in ("text_column", "text_pair_column", "label_column"):
+    name = data_config[key]
+    if name and name not in available:
+      raise ConfigError(f"data.{key} {name!r} is not a column of the {where}; available "
+                        f"columns: {', '.join(available)}")
+
+
+def _load_files(path: str, split: str) -> datasets.Dataset:
   file = split_file(path, split)
   if file.suffix not in _BUILDERS:
     raise ConfigError(f"data file {str(file)!r} has suffix {file.suffix!r}; expected one of "
                       f"{', '.join(_BUILDERS)}")
-  return datasets.load_dataset(_BUILDERS[file.suffix], data_files={split: str(file)},
-                               split=split)
+  if file.stat().st_size == 0:
+    raise ConfigError(f"split {split!r} is empty: data file {str(file)!r} has no records")
+  if file.suffix in _TEXT_SUFFIXES:
+    _check_utf8(file)
+  try:
+    return datasets.load_dataset(_BUILDERS[file.suffix], data_files={split: str(file)},
+                                 split=split)
+  except datasets.exceptions.DatasetGenerationError as e:
+    raise ConfigError(f"data file {str(file)!r} is not valid {_BUILDERS[file.suffix].upper()} "
+                      f"({_root_cause(e)}); expected one record per line") from e
+  except (ValueError, StopIteration) as e:
+    # `datasets` says "corresponds to no data" for a CSV with a header and no
+    # rows, and leaks a bare StopIteration for a JSON file of blank lines.
+    if isinstance(e, StopIteration) or "no data" in str(e):
+      raise ConfigError(f"split {split!r} is empty: data file {str(file)!r} has no "
+                        f"records") from e
+    raise ConfigError(f"could not read data file {str(file)!r} ({_root_cause(e)}); expected "
+                      f"{_BUILDERS[file.suffix].upper()} records") from e
+
+
+def _check_utf8(file: pathlib.Path, chunk_bytes: int = 1 << 20) -> None:
+  """Raises if `file` is not UTF-8, naming the byte offset."""
+  decoder = codecs.getincrementaldecoder("utf-8")()
+  offset = 0
+  with file.open("rb") as f:
+    while chunk := f.read(chunk_bytes):
+      try:
+        decoder.decode(chunk)
+      except UnicodeDecodeError as e:
+        raise ConfigError(f"data file {str(file)!r} is not UTF-8 (byte {offset + e.start}); "
+                          f"re-encode it as UTF-8") from None
+      offset += len(chunk)
+    try:
+      decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+      raise ConfigError(f"data file {str(file)!r} is not UTF-8 (truncated character at the "
+                        f"end); re-encode it as UTF-8") from None
+
+
+def _root_cause(error: BaseException) -> str:
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+  if not name:
+    raise ConfigError(f"data.name is empty; pass --config.data.name=HUB_ID (e.g. "
+                      f"cornell-movie-review-data/rotten_tomatoes) or {_FILES_HINT}")
+  try:
+    return datasets.load_dataset(name, split=split)
+  except (ConnectionError, FileNotFoundError, ValueError) as e:
+    # Offline mode, no network, an unknown id and an unknown split all land
+    # here; the fix is the same: name the data, or read it from disk.
+    raise ConfigError(f"could not load hub dataset {name!r} split {split!r} "
+                      f"({type(e).__name__}: {_root_cause(e)}); pass a reachable "
+                      f"--config.data.name or a local copy with {_FILES_HINT}") from e
+
+
+def _load_tfds(data_config: ml_collections.ConfigDict, split: str) -> datasets.Dataset:
+  """Reads a prepared TFDS split through its random-access data source."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConfigError("data.source='tfds' needs tensorflow-datasets and tensorflow-cpu; "
+                      "pip install -e .[tfds]") from e
+  name = data_config.name
+  if not name:
+    raise ConfigError(f"data.name is empty; pass --config.data.name=TFDS_NAME (e.g. "
+                      f"imdb_reviews) or {_FILES_HINT}")
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_config.path or None,
+                              download=False)
+  except Exception as e:  # pylint: disable=broad-except
+    # TFDS raises a different type per failure (unknown name, not prepared,
+    # bad split); all of them mean this name/split cannot be read here.
+    raise ConfigError(f"could not open TFDS dataset {name!r} split {split!r} "
+                      f"({type(e).__name__}: {_root_cause(e)}); prepare it with "
+                      f"`tfds build {name} --file_format=array_record` (random access needs "
+                      f"ArrayRecord) or pass {_FILES_HINT}") from e
+  return _tfds_to_dataset(source, data_config, f"TFDS {name!r} split {split!r}")
+
+
+def _tfds_to_dataset(source, data_config: ml_collections.ConfigDict,
+                     where: str) -> datasets.Dataset:
+  """Copies the required columns of a TFDS data source into a `datasets.Dataset`."""
+  if len(source) == 0:
+    raise ConfigError(f"{where} is empty; expected at least one example")
+  _check_columns(list(source[0].keys()), data_config, where)
+  records = [source[i] for i in range(len(source))]
+  return datasets.Dataset.from_dict({name: [_to_python(record[name]) for record in records]
+                                     for name in required_columns(data_config)})
+
+
+def _to_python(value):
+  """numpy scalars and bytes (TFDS Text features) to int/float/str."""
+  if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+    value = value.item()
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  return value

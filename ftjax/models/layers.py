@@ -67,6 +67,12 @@ class Dense(nnx.LinearGeneral):
     )
 
 
+  def __call__(self, inputs: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    del deterministic, rngs  # Used by LoRA adapters (ftjax.peft.lora) on their input.
+    return super().__call__(inputs)
+
+
 def embed(num_embeddings: int, features: int, *, axes: Sequence[str], init_std: float,
           dtype, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Embed:
   return nnx.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,

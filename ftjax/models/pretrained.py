@@ -99,25 +99,27 @@ def _family(model_type: str | None, where: str) -> Family:
 
 
 def config_from_pretrained(name_or_path: str, *, task: str = "encoder",
-                           num_labels: int | None = None, dtype: str = "float32"):
+                           num_labels: int | None = None, dtype: str = "float32",
+                           pooling: str = "pooler"):
   """The ftjax config of a checkpoint, read from its config.json only."""
   folder = hub.resolve(name_or_path)
-  return _config(folder, hub.read_config(folder), task, num_labels, dtype)
+  return _config(folder, hub.read_config(folder), task, num_labels, dtype, pooling)
 
 
-def _config(folder, hf_config, task, num_labels, dtype):
+def _config(folder, hf_config, task, num_labels, dtype, pooling):
   family = _family(hf_config.get("model_type"), str(folder / hub.CONFIG))
   if task not in family.architectures:
     raise ConfigError(f"task {task!r} is not supported for {hf_config['model_type']}; "
                       f"expected one of {sorted(family.architectures)}")
   if num_labels is not None and num_labels < 1:
     raise ConfigError(f"num_labels={num_labels}; expected a positive number of classes")
-  return family.config_from_hf(hf_config, task=task, num_labels=num_labels, dtype=dtype)
+  return family.config_from_hf(hf_config, task=task, num_labels=num_labels, dtype=dtype,
+                               pooling=pooling)
 
 
 def from_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int | None = None,
-                    dtype: str = "float32", allow_pickle: bool = False,
-                    seed: int = 0) -> tuple[Model, Params]:
+                    dtype: str = "float32", pooling: str = "pooler",
+                    allow_pickle: bool = False, seed: int = 0) -> tuple[Model, Params]:
   """Loads a Hugging Face checkpoint as (Model, params).
 
   `name_or_path` is a local folder or a hub id. Every checkpoint tensor must
@@ -126,7 +128,7 @@ def from_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int
   which are initialised from `seed` and reported in one log line.
   """
   folder = hub.resolve(name_or_path)
-  config = _config(folder, hub.read_config(folder), task, num_labels, dtype)
+  config = _config(folder, hub.read_config(folder), task, num_labels, dtype, pooling)
   model = Model.build(config)
   table = model.family.table
   flat_shapes = {p: tuple(x.shape) for p, x in keymap.flatten(model.abstract_params).items()}
@@ -158,6 +160,9 @@ def save_pretrained(params: Params, config, out_dir: str | os.PathLike) -> pathl
   interrupted export never leaves a half-written checkpoint behind.
   """
   family = _family(config.model_type, "the config")
+  if config.task == "classification" and getattr(config, "pooling", "pooler") != "pooler":
+    raise CheckpointError(f"pooling={config.pooling!r} has no Hugging Face classification "
+                          f"head to export to; only pooling='pooler' exports")
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   flat = {p: np.asarray(jax.device_get(x), dtype=np.float32)

@@ -54,6 +54,9 @@ class EncoderConfig:
   # What the model computes: "encoder" (hidden states) or "classification".
   task: str = "encoder"
   num_labels: int = 2
+  # What the classifier reads: "pooler" (the HF head as pre-trained), "cls"
+  # (h[:, 0]) or "mean" (mean over non-padding tokens).
+  pooling: str = "pooler"
   # Compute dtype; parameters are always float32.
   dtype: str = "float32"
   # Does the model carry BERT's pretrained pooler (dense + tanh over h[:, 0])?
@@ -67,7 +70,8 @@ class EncoderConfig:
     return self.hidden_size // self.num_heads
 
   @classmethod
-  def from_hf(cls, hf: dict, *, task: str, num_labels: int | None, dtype: str) -> "EncoderConfig":
+  def from_hf(cls, hf: dict, *, task: str, num_labels: int | None, dtype: str,
+              pooling: str = "pooler") -> "EncoderConfig":
     model_type = hf["model_type"]
     labels = num_labels if num_labels is not None else len(hf.get("id2label") or {}) or 2
     if model_type == "distilbert":
@@ -93,12 +97,14 @@ class EncoderConfig:
           classifier_dropout=(classifier_dropout if classifier_dropout is not None
                               else hf.get("hidden_dropout_prob", 0.1)),
           pad_token_id=hf.get("pad_token_id", 0) or 0,
-          # RoBERTa's classification head replaces the pooler.
-          has_pooler=not (model_type == "roberta" and task == "classification"))
+          # A classifier reads the pooler only as BERT's HF head does;
+          # RoBERTa's head replaces the pooler with its own dense layer.
+          has_pooler=task != "classification" or (model_type == "bert" and pooling == "pooler"))
     used = _HF_FIELDS[model_type]
     extra = tuple(sorted((k, _freeze(v)) for k, v in hf.items() if k not in used))
     return cls(model_type=model_type, initializer_range=hf.get("initializer_range", 0.02),
-               task=task, num_labels=labels, dtype=dtype, hf_extra=extra, **fields)
+               task=task, num_labels=labels, dtype=dtype, pooling=pooling, hf_extra=extra,
+               **fields)
 
   def to_hf(self) -> dict:
     """The Hugging Face config.json contents for this architecture."""
@@ -211,10 +217,11 @@ class SelfAttention(nnx.Module):
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
   def __call__(self, x_bse, mask, *, deterministic, rngs):
-    q_bthd, k_bshd, v_bshd = self.query(x_bse), self.key(x_bse), self.value(x_bse)
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    q_bthd, k_bshd, v_bshd = self.query(x_bse, **kw), self.key(x_bse, **kw), self.value(x_bse, **kw)
     out_bthd = layers.attention(q_bthd, k_bshd, v_bshd, mask, dropout=self.attention_dropout,
-                                deterministic=deterministic, rngs=rngs)
-    return self.dropout(self.output(out_bthd), deterministic=deterministic, rngs=rngs)
+                                **kw)
+    return self.dropout(self.output(out_bthd, **kw), **kw)
 
 
 class Mlp(nnx.Module):
@@ -229,8 +236,9 @@ class Mlp(nnx.Module):
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
   def __call__(self, x_bse, *, deterministic, rngs):
-    h_bsm = self.activation(self.up(x_bse))
-    return self.dropout(self.down(h_bsm), deterministic=deterministic, rngs=rngs)
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    h_bsm = self.activation(self.up(x_bse, **kw))
+    return self.dropout(self.down(h_bsm, **kw), **kw)
 
 
 class EncoderLayer(nnx.Module):
@@ -258,11 +266,15 @@ class Encoder(nnx.Module):
 
 
 class ClassificationHead(nnx.Module):
-  """RoBERTa's and DistilBERT's head; BERT's has only `out` (it uses the pooler)."""
+  """RoBERTa's and DistilBERT's head (dense + out); otherwise dropout + out.
+
+  BERT's HF head reads the pooler, so its head is only `out`; with `cls` or
+  `mean` pooling every family reads the features directly.
+  """
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     dtype, std = jnp.dtype(cfg.dtype), cfg.initializer_range
-    if cfg.model_type in ("roberta", "distilbert"):
+    if cfg.model_type in ("roberta", "distilbert") and cfg.pooling == "pooler":
       self.dense = layers.Dense(cfg.hidden_size, cfg.hidden_size, axes=("embed", "embed_out"),
                                 init_std=std, dtype=dtype, rngs=rngs)
     self.out = layers.Dense(cfg.hidden_size, cfg.num_labels, axes=("embed", "labels"),
@@ -272,10 +284,10 @@ class ClassificationHead(nnx.Module):
 
   def __call__(self, features_be, *, deterministic, rngs):
     x_be = features_be
-    if self.model_type == "roberta":
+    if hasattr(self, "dense") and self.model_type == "roberta":
       x_be = self.dropout(x_be, deterministic=deterministic, rngs=rngs)
       x_be = jnp.tanh(self.dense(x_be))
-    elif self.model_type == "distilbert":
+    elif hasattr(self, "dense"):  # DistilBERT
       x_be = jax.nn.relu(self.dense(x_be))
     x_be = self.dropout(x_be, deterministic=deterministic, rngs=rngs)
     return self.out(x_be)
@@ -308,6 +320,16 @@ class BertFamilyModel(nnx.Module):
     pooled_be = jnp.tanh(self.pooler(x_bse[:, 0])) if hasattr(self, "pooler") else None
     logits = None
     if self.config.task == "classification":
-      features_be = pooled_be if self.config.model_type == "bert" else x_bse[:, 0]
+      features_be = _pool(self.config, x_bse, pooled_be, attention_mask)
       logits = self.classifier(features_be, deterministic=deterministic, rngs=rngs)
     return EncoderOutput(x_bse, tuple(hidden_states), pooled_be, logits)
+
+
+def _pool(cfg: EncoderConfig, x_bse, pooled_be, attention_mask_bs):
+  """The features the classifier reads (see `EncoderConfig.pooling`)."""
+  if cfg.pooling == "mean":
+    mask_bs1 = attention_mask_bs[..., None].astype(x_bse.dtype)
+    return (x_bse * mask_bs1).sum(axis=1) / jnp.maximum(mask_bs1.sum(axis=1), 1)
+  if cfg.pooling == "pooler" and cfg.model_type == "bert":
+    return pooled_be
+  return x_bse[:, 0]

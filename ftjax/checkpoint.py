@@ -1,0 +1,76 @@
+"""Orbax checkpoints of a run: what cannot be re-derived, and nothing else.
+
+A checkpoint holds the trainable parameters, the optimizer state, the step,
+the run's RNG key and the data iterator's state, plus (as JSON) the base
+model it was trained from and the partition. Frozen parameters are not
+saved: they are the base model's, re-read from `base_model` on restore, so a
+LoRA checkpoint is megabytes, not the whole model.
+
+Which checkpoints stay (an orbax preservation policy): the latest
+`checkpoint.max_to_keep`, plus the best by `eval.metric` when
+`checkpoint.keep_best`. Saves are asynchronous; orbax writes each step to a
+temporary folder and renames it when complete, so a crash mid-save never
+leaves a checkpoint that looks finished.
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+
+class Checkpointer:
+  """`workdir/checkpoints/<step>/{state,meta}`."""
+
+  def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    policies = [pp.LatestN(config.checkpoint.max_to_keep)]
+    if config.checkpoint.keep_best:
+      metric = config.eval.metric
+      policies.append(pp.BestN(get_metric_fn=lambda metrics: metrics[metric],
+                               reverse=config.eval.mode == "min", n=1,
+                               keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=pp.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+    """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON)."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)),
+                      metrics=metrics)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores onto `abstract_state`'s shapes and shardings (any mesh)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs with shardings, the restore target for `tree`."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)

@@ -1,0 +1,100 @@
+"""Device mesh and shardings from the config.
+
+The mesh has axes `data`, `fsdp` and `tensor` (`config.mesh`). Models name
+their parameters' axes logically (`embed`, `heads`, `mlp`, ...);
+`config.mesh.rules` maps those names to mesh axes (t5x-style), so data
+parallel, FSDP and tensor parallel are config changes, not model changes.
+
+A dimension whose size the mesh axes do not divide (a 2-class classifier on a
+4-way tensor axis) stays replicated, and that is logged once per parameter:
+a rule never silently does nothing.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ftjax.config import MESH_AXES
+from ftjax.errors import ConfigError
+from ftjax.models import keymap
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [config.mesh[axis] for axis in MESH_AXES]
+  fixed = math.prod(s for s in sizes if s != -1)
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  if -1 in sizes:
+    if len(devices) % fixed:
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the "
+                        f"{len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // fixed
+  if math.prod(sizes) != len(devices):
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                      f"but there are {len(devices)}")
+  device_array = np.asarray(devices).reshape(sizes)
+  return Mesh(device_array, MESH_AXES)
+
+
+def _rules(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+  rules = {}
+  for logical, mesh_axes in config.mesh.rules:
+    axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+      raise ConfigError(f"mesh rule ({logical!r}, {mesh_axes!r}) names mesh axis {unknown[0]!r}; "
+                        f"expected axes from {MESH_AXES}")
+    rules[logical] = axes
+  return rules
+
+
+def logical_to_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, tuple[str, ...]], *, name: str = "") -> PartitionSpec:
+  """Logical axis names of one array -> its PartitionSpec on `mesh`."""
+  spec, used = [], set()
+  for logical, size in zip(axes, shape, strict=True):
+    mesh_axes = tuple(a for a in rules.get(logical, ()) if a not in used and mesh.shape[a] > 1)
+    ways = math.prod(mesh.shape[a] for a in mesh_axes)
+    if mesh_axes and size % ways:
+      logging.info("%s: dim %r of size %d is not divisible by mesh axes %s (%d); replicated",
+                   name, logical, size, mesh_axes, ways)
+      mesh_axes = ()
+    used.update(mesh_axes)
+    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+  return PartitionSpec(*spec)
+
+
+def param_shardings(config: ml_collections.ConfigDict, mesh: Mesh, abstract_params: Mapping,
+                    param_axes: Mapping[str, tuple[str, ...]]) -> dict:
+  """A NamedSharding for every parameter, as a tree shaped like `abstract_params`."""
+  rules = _rules(config)
+  flat = keymap.flatten(abstract_params)
+  shardings = {path: NamedSharding(mesh, logical_to_spec(param_axes[path], x.shape, mesh, rules,
+                                                         name=path))
+               for path, x in flat.items()}
+  return keymap.unflatten(shardings, abstract_params)
+
+
+def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the mesh axes the `batch` rule names."""
+  axes = tuple(a for a in _rules(config).get("batch", ()) if mesh.shape[a] > 1)
+  return NamedSharding(mesh, PartitionSpec(axes or None))
+
+
+def data_parallel_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in _rules(config).get("batch", ()))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+  """This process's rows of a global batch -> global jax.Arrays (multi-host safe)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
