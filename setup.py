@@ -25,6 +25,8 @@ setuptools.setup(
         "huggingface_hub",
         "tqdm",
         "numpy",
+        "scikit-learn",
+        "tensorboardX",
     ],
     extras_require={
         # torch is pinned: a CPU wheel of exactly this version ships on the

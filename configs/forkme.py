@@ -73,7 +73,7 @@ def get_config():
 
   # --- Training length and cadence ---------------------------------------
   config.training.batch_size = 32  # global: all devices, all hosts
-  config.training.num_epochs = 3.0  # or training.num_steps (set one)
+  config.training.num_epochs = 3.0  # training.num_steps, when set, wins
   config.training.log_every_steps = 50
   config.eval.splits = ("validation", "test")
   config.eval.every_steps = None  # None: once per epoch

@@ -28,6 +28,8 @@ def get_config():
   config.model.num_labels = 2
   config.data.path = os.path.join(config_lib.shared_data_dir(), "rotten_tomatoes")
   config.data.max_length = 64
+  # Padded lengths (16, 24, 32, 40, 64): mean 33 instead of 64 tokens a row.
+  config.data.num_buckets = 6
   config.strategy.name = "full"
   config.strategy.freeze_layers = 3
   config.strategy.lora.rank = 8

@@ -41,12 +41,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
-  def best_step(self) -> int | None:
-    return self.manager.best_step()
-
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
     """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON)."""
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -20,6 +20,7 @@ POOLINGS = ("pooler", "cls", "mean")
 SOURCES = ("files", "hf", "tfds")
 STRATEGIES = ("full", "freeze", "head_only", "lora")
 MESH_AXES = ("data", "fsdp", "tensor")
+EVAL_METRICS = ("loss", "accuracy", "precision", "recall", "f1")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -98,8 +99,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.training = ml_collections.ConfigDict()
   # Global batch size (examples per optimizer step, over all devices and hosts).
   c.training.batch_size = 32
-  # Training length, in epochs or steps (set exactly one).
-  c.training.num_epochs = config_dict.placeholder(float)
+  # Training length in epochs; `num_steps`, when set, wins.
+  c.training.num_epochs = 3.0
   c.training.num_steps = config_dict.placeholder(int)
   c.training.log_every_steps = 50
 
@@ -228,15 +229,18 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
           "a positive number of examples")
   require(t.batch_size % o.accumulation_steps == 0, "training.batch_size", t.batch_size,
           f"a multiple of optimizer.accumulation_steps={o.accumulation_steps}")
-  require((t.num_epochs is None) != (t.num_steps is None), "training.num_epochs",
-          t.num_epochs, "exactly one of training.num_epochs and training.num_steps set")
-  require(t.num_epochs is None or t.num_epochs > 0, "training.num_epochs", t.num_epochs, "> 0")
+  require(t.num_epochs > 0, "training.num_epochs", t.num_epochs, "> 0")
   require(t.num_steps is None or t.num_steps >= 1, "training.num_steps", t.num_steps, ">= 1")
   require(t.log_every_steps >= 1, "training.log_every_steps", t.log_every_steps, ">= 1")
   require(c.eval.every_steps is None or c.eval.every_steps >= 1, "eval.every_steps",
           c.eval.every_steps, ">= 1 (or None: once per epoch)")
   require(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, ">= 1")
   require(c.eval.mode in ("max", "min"), "eval.mode", c.eval.mode, "'max' or 'min'")
+  split, _, metric = c.eval.metric.partition("/")
+  require(not c.eval.splits or (split in c.eval.splits and metric in EVAL_METRICS),
+          "eval.metric", c.eval.metric,
+          f"'<split>/<metric>' with a split of eval.splits {tuple(c.eval.splits)} and a metric "
+          f"of {EVAL_METRICS}")
   require(c.eval.early_stopping_patience >= 0, "eval.early_stopping_patience",
           c.eval.early_stopping_patience, ">= 0 (0: off)")
   require(c.checkpoint.every_steps is None or c.checkpoint.every_steps >= 1,

@@ -11,15 +11,22 @@ from absl import logging
 class MetricWriter:
   """One JSON line per write (`{"step": ..., "train/loss": ...}`) + TensorBoard scalars."""
 
-  def __init__(self, workdir: str | pathlib.Path):
+  def __init__(self, workdir: str | pathlib.Path, resume_step: int | None = None):
+    """On resume, rows past `resume_step` (written before a crash, replayed now) are dropped."""
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if self.enabled:
       workdir = pathlib.Path(workdir)
+      if resume_step is not None:
+        kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept),
+                                               encoding="utf-8")
       self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # pylint: disable=consider-using-with
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+      self._tb = tensorboardX.SummaryWriter(
+          str(workdir / "tensorboard"),
+          purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

@@ -41,7 +41,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     # ml_collections raises these for an override of a key the config lacks.
     missing = str(e).strip("\"'")
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    bad = next((o for o in overrides if missing in o.split(".")), f"--config.{missing}")
+    bad = next((o for o in overrides if missing in o.split(".")), None)
+    if bad is None:  # Not an override: a bug in the config file, keep its traceback.
+      raise
     sys.exit(f"ftjax: error: unknown config key {bad[len('--config.'):]!r} (from {bad}); "
              f"configs/forkme.py lists every key")
 

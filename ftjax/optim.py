@@ -41,10 +41,9 @@ def decay_mask(trainable) -> dict:
   return keymap.unflatten({p: bool(_DECAYED.fullmatch(p)) for p in flat}, trainable)
 
 
-def build(config: ml_collections.ConfigDict, trainable, *, total_steps: int,
-          warmup_steps: int) -> optax.GradientTransformation:
+def build(config: ml_collections.ConfigDict, trainable,
+          learning_rate: optax.Schedule) -> optax.GradientTransformation:
   o = config.optimizer
-  learning_rate = schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
   chain = []
   if o.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(o.grad_clip_norm))

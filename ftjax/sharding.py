@@ -56,15 +56,22 @@ def _rules(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
 
 def logical_to_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
                     rules: Mapping[str, tuple[str, ...]], *, name: str = "") -> PartitionSpec:
-  """Logical axis names of one array -> its PartitionSpec on `mesh`."""
+  """Logical axis names of one array -> its PartitionSpec on `mesh`.
+
+  A mesh axis shards at most one dimension (the first that asks for it); a
+  dimension takes the longest prefix of its rule's mesh axes that divides its
+  size. What a rule asked for but could not get is logged.
+  """
   spec, used = [], set()
   for logical, size in zip(axes, shape, strict=True):
-    mesh_axes = tuple(a for a in rules.get(logical, ()) if a not in used and mesh.shape[a] > 1)
-    ways = math.prod(mesh.shape[a] for a in mesh_axes)
-    if mesh_axes and size % ways:
-      logging.info("%s: dim %r of size %d is not divisible by mesh axes %s (%d); replicated",
-                   name, logical, size, mesh_axes, ways)
-      mesh_axes = ()
+    wanted = tuple(a for a in rules.get(logical, ()) if mesh.shape[a] > 1)
+    free = tuple(a for a in wanted if a not in used)
+    mesh_axes = free
+    while mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes):
+      mesh_axes = mesh_axes[:-1]
+    if mesh_axes != wanted:
+      logging.info("%s: dim %r (size %d) sharded over %s instead of %s (axis already used or "
+                   "size not divisible)", name, logical, size, mesh_axes or "nothing", wanted)
     used.update(mesh_axes)
     spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
   return PartitionSpec(*spec)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -36,7 +37,7 @@ from ftjax import checkpoint as checkpoint_lib
 from ftjax import config as config_lib
 from ftjax import logs, metrics, models, optim, sharding
 from ftjax.data import pipeline, sources
-from ftjax.errors import FtjaxError
+from ftjax.errors import CheckpointError, FtjaxError
 from ftjax.peft import lora as lora_lib
 from ftjax.peft import partition
 
@@ -138,7 +139,8 @@ def make_eval_step(model: models.Model) -> Callable:
   def eval_step(trainable, frozen, batch: Batch):
     loss_sum, (_, _, logits) = loss_and_metrics(model, trainable, frozen, batch,
                                                 deterministic=True, normalizer=1.0)
-    return {"loss_sum": loss_sum, "predictions": logits.argmax(-1)}
+    return {"loss_sum": loss_sum, "predictions": logits.argmax(-1), "labels": batch["labels"],
+            "weights": batch["weights"]}
 
   return eval_step
 
@@ -149,13 +151,13 @@ class Run:
 
   config: ml_collections.ConfigDict
   model: models.Model
-  path_labels: dict[str, str]
   train_split: pipeline.TokenizedSplit
   eval_splits: dict[str, pipeline.TokenizedSplit]
   buckets: tuple[int, ...]
   steps: config_lib.Steps
   mesh: jax.sharding.Mesh
-  state: TrainState
+  # The state before the first step (the first train step donates its buffers).
+  initial_state: TrainState
   optimizer: optax.GradientTransformation
   learning_rate: optax.Schedule
   pad_id: int
@@ -166,12 +168,31 @@ def _load_split(config, split_name, tokenizer, num_labels):
   return pipeline.tokenize_split(dataset, config.data, tokenizer, num_labels=num_labels)
 
 
+def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  dp = sharding.data_parallel_size(config, mesh)
+  multiple = dp * config.optimizer.accumulation_steps
+  if config.training.batch_size % multiple:
+    raise FtjaxError(
+        f"training.batch_size={config.training.batch_size} is not a multiple of {multiple} "
+        f"(data-parallel size {dp} of mesh {dict(mesh.shape)} x "
+        f"optimizer.accumulation_steps={config.optimizer.accumulation_steps})")
+  if config.eval.batch_size % dp:
+    raise FtjaxError(f"eval.batch_size={config.eval.batch_size} is not a multiple of the "
+                     f"data-parallel size {dp} of mesh {dict(mesh.shape)}")
+
+
 def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
-  """Steps 1-4 of a run: model, partition, data, mesh, sharded state."""
+  """Steps 1-4 of a run: mesh, model (loaded sharded), partition, data, state."""
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config, devices)
+  _check_batch_sizes(config, mesh)
   m = config.model
-  model, params = models.from_pretrained(
+  loaded = models.load_pretrained(
       m.name_or_path, task=m.task, num_labels=m.num_labels, dtype=m.dtype, pooling=m.pooling,
-      allow_pickle=m.allow_pickle, seed=config.seed)
+      allow_pickle=m.allow_pickle, seed=config.seed,
+      shardings=lambda model: sharding.param_shardings(config, mesh, model.abstract_params,
+                                                       model.param_axes))
+  model, params = loaded.model, loaded.params
   if model.config.task != "classification":
     raise FtjaxError(f"model.task={m.task!r}: training needs a classification head; "
                      f"set --config.model.task=classification")
@@ -182,7 +203,11 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
                              targets=tuple(s.targets))
     model, params = lora_lib.add_lora(model, params, spec, jax.random.key(config.seed + 1))
 
-  rules = partition.strategy_rules(config.strategy, num_layers=model.config.num_layers)
+  # Parameters the checkpoint lacked (a pooler as well as the classifier, say)
+  # are random: every strategy trains them.
+  new_rules = [(re.escape(p), partition.TRAINABLE) for p in loaded.new_paths]
+  rules = new_rules + partition.strategy_rules(config.strategy,
+                                               num_layers=model.config.num_layers)
   path_labels = partition.labels(list(model.param_axes), rules)
 
   num_labels = model.config.num_labels
@@ -193,20 +218,12 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
   steps = config_lib.resolve_steps(config, int(pipeline.steps_per_epoch(
       train_split, global_batch_size=config.training.batch_size, buckets=buckets)))
 
-  mesh = sharding.make_mesh(config, devices)
-  dp = sharding.data_parallel_size(config, mesh)
-  for key in ("training.batch_size", "eval.batch_size"):
-    size = config.training.batch_size if key.startswith("training") else config.eval.batch_size
-    per_micro = size // config.optimizer.accumulation_steps if key.startswith("training") else size
-    if per_micro % dp:
-      raise FtjaxError(f"{key}={size} is not divisible by the data-parallel size {dp} "
-                       f"(mesh {dict(mesh.shape)}); expected a multiple of {dp}")
   param_shardings = sharding.param_shardings(config, mesh, model.abstract_params,
                                              model.param_axes)
-  params = jax.device_put(params, param_shardings)
+  params = jax.device_put(params, param_shardings)  # a no-op but for LoRA's adapters
   trainable, frozen = partition.split(params, path_labels)
   learning_rate = optim.schedule(config, total_steps=steps.total, warmup_steps=steps.warmup)
-  optimizer = optim.build(config, trainable, total_steps=steps.total, warmup_steps=steps.warmup)
+  optimizer = optim.build(config, trainable, learning_rate)
   # Moments take their parameter's sharding; counters are replicated.
   opt_sharding = optax.tree_map_params(
       optimizer, lambda _, param_sharding: param_sharding,
@@ -217,14 +234,14 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
   step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
   state = TrainState(step=step, trainable=trainable, frozen=frozen, opt_state=opt_state)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  return Run(config=config, model=model, path_labels=path_labels, train_split=train_split,
-             eval_splits=eval_splits, buckets=buckets, steps=steps, mesh=mesh, state=state,
-             optimizer=optimizer, learning_rate=learning_rate, pad_id=pad_id)
+  return Run(config=config, model=model, train_split=train_split, eval_splits=eval_splits,
+             buckets=buckets, steps=steps, mesh=mesh, initial_state=state, optimizer=optimizer,
+             learning_rate=learning_rate, pad_id=pad_id)
 
 
 def compile_steps(run: Run) -> tuple[Callable, Callable]:
   """The jitted train and eval steps, with explicit shardings; state is donated."""
-  state_sharding = jax.tree.map(lambda x: x.sharding, run.state)
+  state_sharding = jax.tree.map(lambda x: x.sharding, run.initial_state)
   batch_sharding = sharding.batch_sharding(run.config, run.mesh)
   replicated = sharding.replicated(run.mesh)
   train_step = jax.jit(
@@ -238,41 +255,37 @@ def compile_steps(run: Run) -> tuple[Callable, Callable]:
   return train_step, eval_step
 
 
-def log_partition(run: Run) -> dict:
-  trainable, frozen = partition.count(run.state.trainable), partition.count(run.state.frozen)
+def partition_summary(run: Run) -> dict:
+  state = run.initial_state
+  trainable, frozen = partition.count(state.trainable), partition.count(state.frozen)
   total = trainable + frozen
-  summary = {"params/trainable": trainable, "params/total": total,
-             "params/trainable_fraction": trainable / total,
-             "optimizer/state_bytes": optim.state_bytes(run.state.opt_state)}
   logging.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                100 * trainable / total)
-  return summary
+  return {"params/trainable": trainable, "params/total": total,
+          "params/trainable_fraction": trainable / total,
+          "optimizer/state_bytes": optim.state_bytes(state.opt_state)}
 
 
 def evaluate(run: Run, state: TrainState, eval_step, split_name: str) -> dict[str, float]:
-  """Metrics on a whole split: every example once (padding rows weigh 0)."""
-  split = run.eval_splits[split_name]
+  """Metrics on a whole split: every example once (padding rows weigh 0).
+
+  Batches are dispatched back to back; results come to the host once, at
+  the end (replicated outputs, so this is multi-host safe).
+  """
   batch_sharding = sharding.batch_sharding(run.config, run.mesh)
-  predictions, labels, loss_sum = [], [], 0.0
-  for batch in pipeline.eval_batches(split, global_batch_size=run.config.eval.batch_size,
+  outputs = []
+  for batch in pipeline.eval_batches(run.eval_splits[split_name],
+                                     global_batch_size=run.config.eval.batch_size,
                                      buckets=run.buckets, process_index=jax.process_index(),
                                      process_count=jax.process_count(), pad_id=run.pad_id):
-    global_batch = sharding.put_batch(batch, batch_sharding)
-    out = eval_step(state.trainable, state.frozen, global_batch)
-    real = _gather(global_batch["weights"]) > 0
-    predictions.append(np.asarray(out["predictions"])[real])
-    labels.append(_gather(global_batch["labels"])[real])
-    loss_sum += float(out["loss_sum"])
-  return metrics.classification(np.concatenate(predictions), np.concatenate(labels), loss_sum,
-                                run.model.config.num_labels)
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-  """A global array's full value on every process."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    outputs.append(eval_step(state.trainable, state.frozen,
+                             sharding.put_batch(batch, batch_sharding)))
+  outputs = jax.device_get(outputs)
+  real = np.concatenate([o["weights"] for o in outputs]) > 0
+  predictions = np.concatenate([o["predictions"] for o in outputs])[real]
+  labels = np.concatenate([o["labels"] for o in outputs])[real]
+  loss_sum = float(sum(o["loss_sum"] for o in outputs))
+  return metrics.classification(predictions, labels, loss_sum, run.model.config.num_labels)
 
 
 def _fingerprint(batch: Mapping[str, np.ndarray]) -> int:
@@ -281,24 +294,48 @@ def _fingerprint(batch: Mapping[str, np.ndarray]) -> int:
 
 
 class _Tracker:
-  """Best value of `eval.metric` and evaluations since it improved."""
+  """Best value of `eval.metric`, its step and metrics, and evaluations since."""
 
-  def __init__(self, config, best=None, stale=0):
+  def __init__(self, config, saved: dict | None = None):
     self.metric, self.mode = config.eval.metric, config.eval.mode
     self.patience = config.eval.early_stopping_patience
-    self.best, self.stale = best, stale
+    saved = saved or {}
+    self.best, self.best_step = saved.get("best"), saved.get("best_step")
+    self.best_results, self.stale = saved.get("best_results", {}), saved.get("stale", 0)
 
-  def update(self, results: Mapping[str, float]) -> None:
-    if self.metric not in results:
-      raise FtjaxError(f"eval.metric={self.metric!r} is not computed; expected one of "
-                       f"{sorted(results)}")
+  def update(self, step: int, results: Mapping[str, float]) -> bool:
+    """Records an evaluation; True if it is the best so far."""
     value = results[self.metric]
     better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
-    self.best, self.stale = (value, 0) if better else (self.best, self.stale + 1)
+    if better:
+      self.best, self.best_step, self.best_results, self.stale = value, step, dict(results), 0
+    else:
+      self.stale += 1
+    return better
 
   @property
   def should_stop(self) -> bool:
     return bool(self.patience) and self.stale >= self.patience
+
+  def state(self) -> dict:
+    return {"best": self.best, "best_step": self.best_step, "best_results": self.best_results,
+            "stale": self.stale}
+
+
+def _run_identity(config: ml_collections.ConfigDict) -> dict:
+  """What a checkpoint must agree on to be resumed by this config."""
+  return {"model.name_or_path": config.model.name_or_path, "model.task": config.model.task,
+          "model.num_labels": config.model.num_labels, "model.pooling": config.model.pooling,
+          "strategy": json.loads(config.strategy.to_json_best_effort()),
+          "training.batch_size": config.training.batch_size, "seed": config.seed}
+
+
+def _check_identity(saved: dict, config: ml_collections.ConfigDict, where) -> None:
+  for key, value in _run_identity(config).items():
+    if saved.get(key) != value:
+      raise CheckpointError(
+          f"{where} holds a checkpoint of another run ({key} was {saved.get(key)!r}, the config "
+          f"says {value!r}); use a new --workdir, or the old config to resume")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -306,93 +343,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Fine-tunes as the config says; returns the final evaluation metrics.
 
   `stop_at_step` ends this invocation (with a checkpoint) once that step is
-  reached; running the same command again continues the run.
+  reached; running the same command again continues the run. A finished run
+  is not trained again.
   """
+  started = time.perf_counter()
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
   run = setup(config, devices)
-  summary = log_partition(run)
+  summary = partition_summary(run)
   steps = run.steps
   logging.info("steps: %s; buckets: %s; mesh: %s", steps, run.buckets, dict(run.mesh.shape))
 
+  # The run's key: folded with the step inside train_step, never advanced, so
+  # the seed alone reproduces it on resume.
   rng = jax.random.key(config.seed)
-  state = run.state
+  state = run.initial_state
   checkpointer = checkpoint_lib.Checkpointer(workdir_path, config)
-  data_state, tracker = None, _Tracker(config)
+  tracker, last_eval = _Tracker(config), {}
   start = checkpointer.latest_step()
+  iterator = pipeline.train_iterator(
+      run.train_split, global_batch_size=config.training.batch_size, buckets=run.buckets,
+      seed=config.seed, num_epochs=math.ceil(steps.total / steps.steps_per_epoch),
+      process_index=jax.process_index(), process_count=jax.process_count(), pad_id=run.pad_id)
   if start is not None:
-    # Resume order: (1) trainable params, optimizer state, step and RNG from
-    # the latest complete checkpoint; (2) frozen params from the base model;
-    # (3) the data iterator's position; (4) early-stopping bookkeeping.
+    # Resume order: (1) check the checkpoint belongs to this config; (2) the
+    # trainable params, optimizer state and step from the latest complete
+    # checkpoint; (3) frozen params from the base model (already loaded);
+    # (4) the data iterator's position; (5) evaluation bookkeeping.
+    _check_identity(checkpointer.read_meta(start)["run"], config,
+                    checkpointer.directory / str(start))
     saved, meta = checkpointer.restore(start, checkpoint_lib.abstract(
-        {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
-         "rng": jax.random.key_data(rng)}))
-    state = state.replace(step=saved["step"], trainable=saved["trainable"],
-                          opt_state=saved["opt_state"])
-    rng = jax.random.wrap_key_data(saved["rng"])
-    data_state = meta["data_iterator"]
-    tracker = _Tracker(config, meta["tracker"]["best"], meta["tracker"]["stale"])
+        {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state}))
+    state = state.replace(**saved)
+    iterator.set_state(meta["data_iterator"])
+    tracker, last_eval = _Tracker(config, meta["tracker"]), meta["last_eval"]
     logging.info("Resumed from %s at step %d", checkpointer.directory / str(start), start)
-  else:
+  elif is_chief:
     (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-  writer = logs.MetricWriter(workdir_path)
+  step = int(state.step)
+  if step >= steps.total or tracker.should_stop or (stop_at_step or math.inf) <= step:
+    logging.info("Nothing to train: the checkpoint is at step %d of %d%s", step, steps.total,
+                 " (early-stopped)" if tracker.should_stop else "")
+    checkpointer.close()
+    return last_eval
+
+  writer = logs.MetricWriter(workdir_path, resume_step=start)
   if start is None:
     writer.write(0, summary)
   train_step, eval_step = compile_steps(run)
   batch_sharding = sharding.batch_sharding(config, run.mesh)
 
-  num_epochs = math.ceil(steps.total / steps.steps_per_epoch)
-  iterator = pipeline.train_iterator(
-      run.train_split, global_batch_size=config.training.batch_size, buckets=run.buckets,
-      seed=config.seed, num_epochs=num_epochs, process_index=jax.process_index(),
-      process_count=jax.process_count(), pad_id=run.pad_id)
-  if data_state is not None:
-    iterator.set_state(data_state)
-
   def save(step: int, eval_results: dict | None) -> None:
-    meta = {"data_iterator": iterator.get_state(), "base_model": config.model.name_or_path,
-            "strategy": config.strategy.name,
-            "tracker": {"best": tracker.best, "stale": tracker.stale}}
+    meta = {"data_iterator": iterator.get_state(), "run": _run_identity(config),
+            "base_model": config.model.name_or_path, "strategy": config.strategy.name,
+            "tracker": tracker.state(), "last_eval": last_eval}
     checkpointer.save(step, {"step": state.step, "trainable": state.trainable,
-                             "opt_state": state.opt_state, "rng": jax.random.key_data(rng)},
-                      meta, metrics=eval_results)
+                             "opt_state": state.opt_state}, meta, metrics=eval_results)
 
   def run_evals(step: int) -> dict:
-    results = {}
-    for name in config.eval.splits:
-      for key, value in evaluate(run, state, eval_step, name).items():
-        results[f"{name}/{key}"] = value
+    results = {f"{name}/{key}": value for name in config.eval.splits
+               for key, value in evaluate(run, state, eval_step, name).items()}
     writer.write(step, results)
     return results
 
-  step = int(state.step)
-  last_eval: dict = {}
   window: list[dict] = []
   pending = None  # (step, metrics) of the step in flight: read one step late
   progress = tqdm.tqdm(total=steps.total, initial=step, desc="train", unit="step",
-                       disable=jax.process_index() != 0, dynamic_ncols=True)
-  window_start = time.perf_counter()
-  window_examples = 0
+                       disable=not is_chief, dynamic_ncols=True)
+  window_start, window_examples = time.perf_counter(), 0
   try:
     while step < steps.total:
       batch = next(iterator)
-      fingerprint = _fingerprint(batch)
       state, step_metrics = train_step(state, sharding.put_batch(batch, batch_sharding), rng)
       step += 1
       window_examples += config.training.batch_size
-      if pending is not None:
-        window.append(_check_finite(*pending))
-      pending = (step, {**step_metrics, "data/fingerprint": fingerprint})
       progress.update(1)
+      if pending is not None:
+        window.append(_host_metrics(*pending))
+      pending = (step, step_metrics)
 
-      if step % config.training.log_every_steps == 0 or step == steps.total:
-        window.append(_check_finite(*pending))
-        pending = None
+      at_end = step == steps.total
+      stop_now = stop_at_step is not None and step >= stop_at_step
+      log_now = step % config.training.log_every_steps == 0 or at_end
+      eval_now = bool(config.eval.splits) and (step % steps.eval_every == 0 or at_end)
+      save_now = step % steps.checkpoint_every == 0 or at_end or stop_now
+      if not (log_now or eval_now or save_now):
+        continue
+      # Sync with this step before anything is logged, evaluated or saved: a
+      # non-finite step stops the run here, before it reaches a checkpoint.
+      window.append(_host_metrics(*pending))
+      pending = None
+      if log_now:
         elapsed = time.perf_counter() - window_start
-        row = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]
-               if k != "data/fingerprint"}
-        row["train/data_fingerprint"] = window[-1]["data/fingerprint"]
+        row = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
+        row["train/data_fingerprint"] = _fingerprint(batch)
         row["train/examples_per_second"] = window_examples / elapsed
         row["train/seconds_per_step"] = elapsed / len(window)
         row["train/epoch"] = step / steps.steps_per_epoch
@@ -400,40 +446,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.set_postfix(loss=f"{row['train/loss']:.4f}",
                              ex_per_s=f"{row['train/examples_per_second']:.0f}")
         window, window_examples, window_start = [], 0, time.perf_counter()
-
-      at_end = step == steps.total
       eval_results = None
-      if step % steps.eval_every == 0 or at_end:
+      if eval_now:
         eval_results = last_eval = run_evals(step)
-        tracker.update(eval_results)
-      stopping = tracker.should_stop or (stop_at_step is not None and step >= stop_at_step)
-      if step % steps.checkpoint_every == 0 or at_end or stopping:
+        if tracker.update(step, eval_results) and config.checkpoint.keep_best:
+          save_now = True
+      if save_now or tracker.should_stop:
         save(step, eval_results)
       if tracker.should_stop:
         logging.info("Early stopping at step %d: %s has not improved for %d evaluations "
-                     "(best %.4f)", step, tracker.metric, tracker.stale, tracker.best)
+                     "(best %.4f at step %d)", step, tracker.metric, tracker.stale,
+                     tracker.best, tracker.best_step)
         break
-      if stopping:
+      if stop_now:
         logging.info("Stopping at step %d as asked; run the same command to continue", step)
         break
-    if pending is not None:
-      _check_finite(*pending)
   finally:
     progress.close()
     checkpointer.wait()
     checkpointer.close()
     writer.close()
-  if step == steps.total or tracker.should_stop:
+  if is_chief and (step == steps.total or tracker.should_stop):
+    seconds_per_step = [r["train/seconds_per_step"] for r in logs.read_metrics(workdir_path)
+                        if "train/seconds_per_step" in r]
     (workdir_path / "results.json").write_text(json.dumps(
-        {"step": step, **summary, **last_eval, "best": {tracker.metric: tracker.best}},
-        indent=2) + "\n")
+        {"step": step, **summary, **last_eval,
+         "best": {"metric": tracker.metric, "value": tracker.best, "step": tracker.best_step,
+                  **tracker.best_results},
+         # Median over log windows: compiles and evaluations fall in a few of them.
+         "train/median_seconds_per_step": float(np.median(seconds_per_step)),
+         "wall_seconds": time.perf_counter() - started}, indent=2) + "\n")
   return last_eval
 
 
-def _check_finite(step: int, step_metrics: dict) -> dict:
-  values = {k: v if isinstance(v, int) else float(v) for k, v in step_metrics.items()}
+def _host_metrics(step: int, step_metrics: dict) -> dict:
+  """One device->host transfer of a step's metrics; stops on a non-finite loss."""
+  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   if not math.isfinite(values["loss"]) or not math.isfinite(values["grad_norm"]):
     raise FtjaxError(
         f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}; training "
-        f"stopped with the last good state. Lower optimizer.learning_rate or check the data")
+        f"stopped, that step was not applied and the latest checkpoint is from before it. "
+        f"Lower optimizer.learning_rate or check the data")
   return values

@@ -92,8 +92,8 @@ def test_unknown_config_override(tmp_path):
 
 
 def test_wrong_type_config_override(tmp_path):
-  result = run_main(f"--workdir={tmp_path}", "--config.batch_size=abc")
-  assert_one_line_error(result, "--config.batch_size=abc")
+  result = run_main(f"--workdir={tmp_path}", "--config.training.batch_size=abc")
+  assert_one_line_error(result, "--config.training.batch_size=abc")
 
 
 def test_unknown_key_in_config_file(tmp_path):

@@ -45,7 +45,15 @@ def _config(**overrides):
     ({"model__dtype": "int8"}, "'model.dtype' is 'int8'"),
     ({"model__num_labels": 0}, "'model.num_labels' is 0"),
     ({"data__max_length": 1}, "'data.max_length' is 1"),
-    ({"batch_size": 0}, "'batch_size' is 0"),
+    ({"training__batch_size": 0}, "'training.batch_size' is 0"),
+    ({"optimizer__learning_rate": -1e-3}, "'optimizer.learning_rate' is -0.001"),
+    ({"strategy__lora__rank": 0}, "'strategy.lora.rank' is 0"),
+    ({"strategy__name": "prefix"}, "'strategy.name' is 'prefix'"),
+    ({"optimizer__warmup_steps": 10, "optimizer__warmup_fraction": 0.1},
+     "'optimizer.warmup_steps' is 10"),
+    ({"training__num_epochs": 0.0}, "'training.num_epochs' is 0.0"),
+    ({"training__num_steps": 0}, "'training.num_steps' is 0"),
+    ({"mesh__tensor": 0}, "'mesh.tensor' is 0"),
 ])
 def test_validate_names_the_bad_key(overrides, message):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -53,13 +61,13 @@ def test_validate_names_the_bad_key(overrides, message):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("32", "'batch_size' is '32' \\(str\\); expected a int"),
-    (True, "'batch_size' is True \\(bool\\)"),
-    (None, "'batch_size' must be set"),
+    ("32", "'training.batch_size' is '32' \\(str\\); expected a int"),
+    (True, "'training.batch_size' is True \\(bool\\)"),
+    (None, "'training.batch_size' must be set"),
 ])
 def test_validate_checks_types(value, message):
   # A config file may build its ConfigDict from scratch, bypassing type safety.
   raw = config_lib.default_config().to_dict()
-  raw["batch_size"] = value
+  raw["training"]["batch_size"] = value
   with pytest.raises(ConfigError, match=message):
     config_lib.validate(ml_collections.ConfigDict(raw))

@@ -13,7 +13,7 @@ def test_probe_runs_minilm_on_rotten_tomatoes(minilm_dir, data_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "ftjax.main", "--config=configs/sentiment_minilm.py",
        f"--workdir={tmp_path}", f"--config.model.name_or_path={minilm_dir}",
-       f"--config.data.path={data_dir / 'rotten_tomatoes'}", "--config.batch_size=8"],
+       f"--config.data.path={data_dir / 'rotten_tomatoes'}", "--config.training.batch_size=8", "--mode=probe"],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env={**os.environ, "HF_HUB_OFFLINE": "1"})
   assert result.returncode == 0, result.stderr[-3000:]

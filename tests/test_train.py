@@ -1,5 +1,7 @@
 """The fine-tuning core on a tiny real run: freezing, partitions, sharding, resume."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -28,7 +30,7 @@ def _steps(run, num_steps):
                                      buckets=run.buckets, seed=run.config.seed, num_epochs=1,
                                      pad_id=run.pad_id)
   batch_sharding = sharding.batch_sharding(run.config, run.mesh)
-  state, losses = run.state, []
+  state, losses = run.initial_state, []
   rng = jax.random.key(run.config.seed)
   for _ in range(num_steps):
     state, m = train_step(state, sharding.put_batch(next(iterator), batch_sharding), rng)
@@ -48,7 +50,8 @@ def _copy(tree):
 def test_frozen_leaves_never_change_and_have_no_optimizer_state(tiny_dirs, strategy):
   model_dir, data_path, _ = tiny_dirs
   run = train.setup(tiny.config(model_dir, data_path, **strategy), jax.devices()[:1])
-  frozen_before, trainable_before = _copy(run.state.frozen), _copy(run.state.trainable)
+  frozen_before = _copy(run.initial_state.frozen)
+  trainable_before = _copy(run.initial_state.trainable)
   assert keymap.flatten(frozen_before) and keymap.flatten(trainable_before)
   state, _ = _steps(run, 3)
 
@@ -161,12 +164,61 @@ def test_resume_continues_exactly(tiny_dirs, tmp_path):
   assert seen("resumed") == seen("straight")
 
   run = train.setup(config, jax.devices()[:1])
-  target = checkpoint.abstract({"step": run.state.step, "trainable": run.state.trainable,
-                                "opt_state": run.state.opt_state,
-                                "rng": jax.random.key_data(jax.random.key(0))})
+  state = run.initial_state
+  target = checkpoint.abstract({"step": state.step, "trainable": state.trainable,
+                                "opt_state": state.opt_state})
   finals = [checkpoint.Checkpointer(tmp_path / name, config).restore(6, target)[0]
             for name in ("straight", "resumed")]
   assert int(finals[0]["step"]) == int(finals[1]["step"]) == 6
   flat = [keymap.flatten(_copy(f["trainable"])) for f in finals]
   for path in flat[0]:
     np.testing.assert_allclose(flat[1][path], flat[0][path], atol=1e-6, err_msg=path)
+
+
+def test_lora_checkpoint_holds_only_trainable_leaves(tiny_dirs, tmp_path):
+  model_dir, data_path, _ = tiny_dirs
+  overrides = {"training.num_steps": 2, "eval.every_steps": 2, "eval.splits": ("validation",),
+               "optimizer.warmup_steps": 0}
+  sizes = {}
+  for name in ("full", "lora"):
+    config = tiny.config(model_dir, data_path, **overrides, **{"strategy.name": name})
+    train.train_and_evaluate(config, str(tmp_path / name), devices=jax.devices()[:1])
+    files = (tmp_path / name / "checkpoints" / "2").rglob("*")
+    sizes[name] = sum(f.stat().st_size for f in files if f.is_file())
+    meta = checkpoint.Checkpointer(tmp_path / name, config).read_meta(2)
+    assert meta["base_model"] == str(model_dir) and meta["strategy"] == name
+  model_bytes = 4 * 1_016_226  # float32 parameters of the tiny model
+  # Full holds every (random, incompressible) weight; orbax compresses the
+  # mostly-zero Adam moments of rows no batch touched.
+  assert sizes["full"] > model_bytes
+  assert sizes["lora"] < 0.1 * model_bytes
+
+
+def test_nan_loss_stops_with_one_clear_line(tiny_dirs, tmp_path, monkeypatch):
+  model_dir, data_path, _ = tiny_dirs
+  real = train.loss_and_metrics
+
+  def nan_loss(*args, **kwargs):
+    loss, aux = real(*args, **kwargs)
+    return loss * float("nan"), aux
+
+  monkeypatch.setattr(train, "loss_and_metrics", nan_loss)
+  with pytest.raises(train.FtjaxError, match=r"loss is nan \(grad norm nan\) at step 1; "):
+    train.train_and_evaluate(tiny.config(model_dir, data_path), str(tmp_path),
+                             devices=jax.devices()[:1])
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def test_early_stopping_after_patience(tiny_dirs, tmp_path):
+  model_dir, data_path, _ = tiny_dirs
+  # Validation loss rises once the learning rate is absurd: stop after 1 bad eval.
+  config = tiny.config(model_dir, data_path, **{
+      "optimizer.learning_rate": 0.5, "optimizer.warmup_steps": 0, "eval.every_steps": 1,
+      "eval.metric": "validation/loss", "eval.mode": "min", "eval.early_stopping_patience": 1,
+      "eval.splits": ("validation",), "training.num_steps": 20})
+  train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  evals = [r["validation/loss"] for r in logs.read_metrics(tmp_path) if "validation/loss" in r]
+  assert len(evals) < 20
+  assert evals[-1] >= min(evals[:-1])  # the last evaluation did not improve
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["step"] == len(evals) and results["best"]["validation/loss"] == min(evals)

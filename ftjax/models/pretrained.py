@@ -14,11 +14,10 @@ import math
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -61,8 +60,12 @@ class Model:
     return cls(config=config, family=family, graphdef=graphdef,
                abstract_params=nnx.to_pure_dict(state), param_axes=axes, lora=lora)
 
-  def init(self, rng: jax.Array, only: Iterable[str] | None = None) -> Params:
-    """Random parameters; with `only`, just those flat paths (XLA drops the rest)."""
+  def init(self, rng: jax.Array, only: Iterable[str] | None = None,
+           shardings: Any = None) -> Params:
+    """Random parameters; with `only`, just those flat paths (XLA drops the rest).
+
+    `shardings` (shaped like the result) creates them already sharded.
+    """
     keep = None if only is None else set(only)
 
     def init_fn(key):
@@ -72,7 +75,7 @@ class Model:
         return params
       return {p: v for p, v in keymap.flatten(params).items() if p in keep}
 
-    return jax.jit(init_fn)(rng)
+    return jax.jit(init_fn, out_shardings=shardings)(rng)
 
   def apply(self, params: Params, *args, **kwargs):
     """Runs the model: `model.apply(params, input_ids, attention_mask, ...)`."""
@@ -117,15 +120,24 @@ def _config(folder, hf_config, task, num_labels, dtype, pooling):
                                pooling=pooling)
 
 
-def from_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int | None = None,
-                    dtype: str = "float32", pooling: str = "pooler",
-                    allow_pickle: bool = False, seed: int = 0) -> tuple[Model, Params]:
-  """Loads a Hugging Face checkpoint as (Model, params).
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  model: Model
+  params: Params
+  # Flat paths initialised here because the checkpoint lacks them (task heads).
+  new_paths: tuple[str, ...]
 
-  `name_or_path` is a local folder or a hub id. Every checkpoint tensor must
-  map to a parameter (or be a known unused one, such as a pre-training head),
-  and every parameter must be filled, except task heads the checkpoint lacks,
-  which are initialised from `seed` and reported in one log line.
+
+def load_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int | None = None,
+                    dtype: str = "float32", pooling: str = "pooler",
+                    allow_pickle: bool = False, seed: int = 0,
+                    shardings: Callable[[Model], Params] | None = None) -> Loaded:
+  """`from_pretrained`, also saying which parameters are new.
+
+  `shardings(model)` gives a tree of `jax.sharding.Sharding`s shaped like the
+  params: checkpoint tensors then go straight from host memory into their
+  shards and new heads are initialised already sharded, so no device ever
+  holds the whole model.
   """
   folder = hub.resolve(name_or_path)
   config = _config(folder, hub.read_config(folder), task, num_labels, dtype, pooling)
@@ -145,12 +157,31 @@ def from_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int
                           f"{required[0]!r}{more}")
   if skipped:
     logging.info("Not used by this model (task=%s): %s", task, ", ".join(skipped))
-  flat = {p: jnp.asarray(x, dtype=jnp.float32) for p, x in filled.items()}
+  flat_shardings = keymap.flatten(shardings(model)) if shardings else {}
+  flat = {p: jax.device_put(np.asarray(x, np.float32), flat_shardings.get(p))
+          for p, x in filled.items()}
   if missing:
     logging.warning("Newly initialized (not in the checkpoint; train them before use): %s",
                     ", ".join(missing))
-    flat.update(model.init(jax.random.key(seed), only=missing))
-  return model, keymap.unflatten(flat, model.abstract_params)
+    flat.update(model.init(jax.random.key(seed), only=missing,
+                           shardings={p: flat_shardings[p] for p in missing}
+                           if flat_shardings else None))
+  return Loaded(model, keymap.unflatten(flat, model.abstract_params), tuple(missing))
+
+
+def from_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int | None = None,
+                    dtype: str = "float32", pooling: str = "pooler",
+                    allow_pickle: bool = False, seed: int = 0) -> tuple[Model, Params]:
+  """Loads a Hugging Face checkpoint as (Model, params).
+
+  `name_or_path` is a local folder or a hub id. Every checkpoint tensor must
+  map to a parameter (or be a known unused one, such as a pre-training head),
+  and every parameter must be filled, except task heads the checkpoint lacks,
+  which are initialised from `seed` and reported in one log line.
+  """
+  loaded = load_pretrained(name_or_path, task=task, num_labels=num_labels, dtype=dtype,
+                           pooling=pooling, allow_pickle=allow_pickle, seed=seed)
+  return loaded.model, loaded.params
 
 
 def save_pretrained(params: Params, config, out_dir: str | os.PathLike) -> pathlib.Path:

@@ -106,11 +106,11 @@ class LoraDense(layers.Dense):
   axes `kernel's input axes + ("lora",)` and `lora_b` (rank, out...) with axes
   `("lora",) + kernel's output axes`.
 
-  Dropout needs `deterministic` and `rngs` at call time. Model code calls its
-  projections as `dense(x)`, in which case the adapter input is not dropped;
-  models that pass `dense(x, deterministic=..., rngs=...)` get LoRA dropout.
-  Storing an RNG stream in the layer instead (nnx.Dropout(rngs=...)) would put
-  non-Param state into the parameter tree, which `Model` forbids.
+  Dropout needs `deterministic` and `rngs` at call time: the models pass
+  them to every projection (`dense(x, deterministic=..., rngs=...)`), and a
+  plain `Dense` ignores them. Storing an RNG stream in the layer instead
+  (nnx.Dropout(rngs=...)) would put non-Param state into the parameter tree,
+  which `Model` forbids, and would freeze the key at trace time under jit.
   """
 
   def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], *,
