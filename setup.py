@@ -27,6 +27,7 @@ setuptools.setup(
         "numpy",
         "scikit-learn",
         "tensorboardX",
+        "matplotlib",
     ],
     extras_require={
         # torch is pinned: a CPU wheel of exactly this version ships on the

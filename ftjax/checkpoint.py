@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -25,7 +26,10 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 class Checkpointer:
   """`workdir/checkpoints/<step>/{state,meta}`."""
 
-  def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
+  def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
+               read_only: bool = False):
+    """`read_only` for readers beside a training job (an evaluator): they never
+    create, clean up or delete anything."""
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     policies = [pp.LatestN(config.checkpoint.max_to_keep)]
     if config.checkpoint.keep_best:
@@ -35,7 +39,8 @@ class Checkpointer:
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=pp.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
+        enable_async_checkpointing=True, create=not read_only,
+        cleanup_tmp_directories=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -68,3 +73,32 @@ def abstract(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def find(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+  """A run's workdir (its latest checkpoint) or `<workdir>/checkpoints/<step>` -> (workdir, step)."""
+  path = pathlib.Path(path).absolute()
+  if path.name.isdigit() and path.parent.name == "checkpoints":
+    workdir, step = path.parent.parent, int(path.name)
+  elif (path / "checkpoints").is_dir():
+    workdir, step = path, ocp.CheckpointManager(
+        path / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)).latest_step()
+  else:
+    raise FileNotFoundError(path)
+  if step is None or not (workdir / "checkpoints" / str(step)).is_dir():
+    raise FileNotFoundError(workdir / "checkpoints" / str(step))
+  return workdir, step
+
+
+def read_trainable(workdir: pathlib.Path, step: int) -> dict:
+  """The saved trainable leaves as a flat {path: np.ndarray}, whatever mesh wrote them."""
+  from ftjax.models import keymap  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(workdir / "checkpoints",
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  metadata = manager.item_metadata(step)["state"]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        metadata)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return {path: np.asarray(value)
+          for path, value in keymap.flatten(restored["state"]["trainable"]).items()}

@@ -136,8 +136,24 @@ def default_config() -> ml_collections.ConfigDict:
       ("mlp", "tensor"),
   )
 
+  # Start from another run's fine-tuned weights (intermediate-task transfer):
+  # its workdir (latest checkpoint) or <workdir>/checkpoints/<step>. A head
+  # of another shape (another number of labels) is re-initialised.
+  c.init_from = ""
+
   c.seed = 0
   return c
+
+
+def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys, as --config.a.b=v does: override(c, {"optimizer.learning_rate": 1e-4})."""
+  for dotted, value in values.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for key in parents:
+      node = node[key]
+    node[leaf] = value
+  return config
 
 
 def shared_data_dir() -> str:

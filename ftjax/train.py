@@ -37,6 +37,7 @@ from ftjax import checkpoint as checkpoint_lib
 from ftjax import config as config_lib
 from ftjax import logs, metrics, models, optim, sharding
 from ftjax.data import pipeline, sources
+from ftjax.models import keymap
 from ftjax.errors import CheckpointError, FtjaxError
 from ftjax.peft import lora as lora_lib
 from ftjax.peft import partition
@@ -114,14 +115,11 @@ def make_train_step(model: models.Model, optimizer: optax.GradientTransformation
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     grad_norm = optax.global_norm(grads)
-    # A non-finite step changes nothing, so the state (and any checkpoint
-    # written from it) stays the last good one; the host stops the run.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jnp.where(finite, new, old)
-    new_state = state.replace(
-        step=state.step + 1,
-        trainable=jax.tree.map(keep, trainable, state.trainable),
-        opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+    # No in-step NaN guard (a select over every parameter and moment costs a
+    # full pass over the state each step): the host checks every step's loss
+    # before anything is evaluated or saved, so a non-finite step never
+    # reaches a checkpoint.
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     step_metrics = {
         "loss": loss,
         "accuracy": correct / jnp.maximum(weight, 1.0),
@@ -186,6 +184,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
   config_lib.validate(config)
   mesh = sharding.make_mesh(config, devices)
   _check_batch_sizes(config, mesh)
+  if config.data.source == "files":  # Fail on a missing file before loading any model.
+    for split_name in (config.data.train_split, *config.eval.splits):
+      sources.split_file(config.data.path, split_name)
   m = config.model
   loaded = models.load_pretrained(
       m.name_or_path, task=m.task, num_labels=m.num_labels, dtype=m.dtype, pooling=m.pooling,
@@ -203,9 +204,13 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
                              targets=tuple(s.targets))
     model, params = lora_lib.add_lora(model, params, spec, jax.random.key(config.seed + 1))
 
+  new_paths = set(loaded.new_paths)
+  if config.init_from:
+    params, restored, reinitialised = init_from(config.init_from, model, params)
+    new_paths = (new_paths - set(restored)) | set(reinitialised)
   # Parameters the checkpoint lacked (a pooler as well as the classifier, say)
   # are random: every strategy trains them.
-  new_rules = [(re.escape(p), partition.TRAINABLE) for p in loaded.new_paths]
+  new_rules = [(re.escape(p), partition.TRAINABLE) for p in sorted(new_paths)]
   rules = new_rules + partition.strategy_rules(config.strategy,
                                                num_layers=model.config.num_layers)
   path_labels = partition.labels(list(model.param_axes), rules)
@@ -237,6 +242,47 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
   return Run(config=config, model=model, train_split=train_split, eval_splits=eval_splits,
              buckets=buckets, steps=steps, mesh=mesh, initial_state=state, optimizer=optimizer,
              learning_rate=learning_rate, pad_id=pad_id)
+
+
+def init_from(source: str, model: models.Model,
+              params) -> tuple[dict, list[str], list[str]]:
+  """Copies another run's fine-tuned (trainable) weights over `params`.
+
+  The source is a workdir (its latest checkpoint) or a checkpoint folder.
+  Leaves it does not hold (its frozen base, when it was a LoRA or freeze run)
+  keep this run's base-model values; a head of another shape (another number
+  of labels) keeps its fresh initialisation. Returns the params, the paths
+  restored and the paths re-initialised; logs one line saying what came from
+  where.
+  """
+  try:
+    workdir, step = checkpoint_lib.find(source)
+  except FileNotFoundError as e:
+    raise FtjaxError(f"init_from={source!r}: no checkpoint at {e}; expected a training "
+                     f"workdir or <workdir>/checkpoints/<step>") from None
+  saved = checkpoint_lib.read_trainable(workdir, step)
+  flat = keymap.flatten(params)
+  restored, reinitialised, skipped = [], [], []
+  for path, value in saved.items():
+    if path not in flat:
+      skipped.append(path)
+    elif tuple(value.shape) == tuple(flat[path].shape):
+      flat[path] = jax.device_put(value.astype(flat[path].dtype), flat[path].sharding)
+      restored.append(path)
+    elif path.startswith(partition.HEAD_PREFIXES):
+      reinitialised.append(f"{path} {tuple(value.shape)}->{tuple(flat[path].shape)}")
+    else:
+      raise CheckpointError(
+          f"init_from={source!r}: parameter {path!r} has shape {tuple(value.shape)} there but "
+          f"{tuple(flat[path].shape)} in this model; is it another architecture?")
+  if not restored:
+    raise CheckpointError(f"init_from={source!r}: none of its {len(saved)} parameters fit this "
+                          f"model; is it another architecture?")
+  logging.info("init_from %s (step %d): restored %d parameters; re-initialised: %s; not in "
+               "this model: %s", workdir, step, len(restored), ", ".join(reinitialised) or "none",
+               ", ".join(skipped) or "none")
+  return (keymap.unflatten(flat, model.abstract_params), restored,
+          [r.split(" ")[0] for r in reinitialised])
 
 
 def compile_steps(run: Run) -> tuple[Callable, Callable]:
@@ -327,7 +373,8 @@ def _run_identity(config: ml_collections.ConfigDict) -> dict:
   return {"model.name_or_path": config.model.name_or_path, "model.task": config.model.task,
           "model.num_labels": config.model.num_labels, "model.pooling": config.model.pooling,
           "strategy": json.loads(config.strategy.to_json_best_effort()),
-          "training.batch_size": config.training.batch_size, "seed": config.seed}
+          "training.batch_size": config.training.batch_size, "seed": config.seed,
+          "init_from": config.init_from}
 
 
 def _check_identity(saved: dict, config: ml_collections.ConfigDict, where) -> None:
@@ -485,6 +532,6 @@ def _host_metrics(step: int, step_metrics: dict) -> dict:
   if not math.isfinite(values["loss"]) or not math.isfinite(values["grad_norm"]):
     raise FtjaxError(
         f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}; training "
-        f"stopped, that step was not applied and the latest checkpoint is from before it. "
-        f"Lower optimizer.learning_rate or check the data")
+        f"stopped and the latest checkpoint is from before it. Lower "
+        f"optimizer.learning_rate or check the data")
   return values

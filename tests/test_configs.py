@@ -28,14 +28,8 @@ def test_config_file_loads_and_validates(path: pathlib.Path):
 
 
 def _config(**overrides):
-  config = config_lib.default_config()
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split("__")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  dotted = {key.replace("__", "."): value for key, value in overrides.items()}
+  return config_lib.override(config_lib.default_config(), dotted)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -28,3 +28,30 @@ def test_probe_runs_minilm_on_rotten_tomatoes(minilm_dir, data_dir, tmp_path):
   assert result.stderr.count("Newly initialized") == 1
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["model"]["name_or_path"] == str(minilm_dir)
+
+
+def test_train_command_end_to_end_and_rerun_is_a_no_op(minilm_dir, data_dir, tmp_path):
+  """The CLI trains a shrunken run, writes its outputs, and a rerun trains nothing."""
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  model = tiny.make_model(tmp_path / "model", minilm_dir, num_layers=2)
+  data = tiny.make_data(tmp_path / "data", data_dir)
+  command = [sys.executable, "-m", "ftjax.main", "--config=configs/sentiment_minilm.py",
+             f"--workdir={tmp_path / 'run'}", f"--config.model.name_or_path={model}",
+             f"--config.data.path={data}", "--config.training.num_steps=4",
+             "--config.training.batch_size=16", "--config.eval.every_steps=2",
+             "--config.strategy.name=lora"]
+  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert results["step"] == 4 and results["test/num_examples"] == 64
+  assert 0 <= results["test/accuracy"] <= 1 and results["params/trainable_fraction"] < 0.1
+  assert "trainable params:" in result.stderr
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["2", "4"]
+  assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+  rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "Nothing to train: the checkpoint is at step 4 of 4" in rerun.stderr
+  assert json.loads((tmp_path / "run" / "results.json").read_text()) == results

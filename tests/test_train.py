@@ -115,19 +115,32 @@ def test_accumulation_equals_one_big_batch(tiny_dirs):
     np.testing.assert_allclose(four[path], one[path], atol=1e-6, err_msg=path)
 
 
+SHARDING_RUN = {"training.num_steps": 5, "eval.every_steps": 5, "eval.splits": ("validation",)}
+
+
+def _losses(workdir):
+  return [r["train/loss"] for r in logs.read_metrics(workdir) if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(tiny_dirs, tmp_path_factory):
+  model_dir, data_path, _ = tiny_dirs
+  workdir = tmp_path_factory.mktemp("one_device")
+  train.train_and_evaluate(tiny.config(model_dir, data_path, **SHARDING_RUN), str(workdir),
+                           devices=jax.devices()[:1])
+  return _losses(workdir)
+
+
 @pytest.mark.parametrize("mesh", [{"mesh.data": 8}, {"mesh.data": 4, "mesh.tensor": 2},
                                   {"mesh.data": 2, "mesh.fsdp": 4}], ids=str)
-def test_sharded_run_equals_one_device_and_is_really_sharded(tiny_dirs, tmp_path, mesh):
+def test_sharded_run_equals_one_device_and_is_really_sharded(tiny_dirs, tmp_path, mesh,
+                                                             one_device_losses):
   model_dir, data_path, _ = tiny_dirs
-  overrides = {"training.num_steps": 5, "eval.every_steps": 5, "eval.splits": ("validation",)}
-  train.train_and_evaluate(tiny.config(model_dir, data_path, **overrides), str(tmp_path / "one"),
-                           devices=jax.devices()[:1])
+  overrides = SHARDING_RUN
   train.train_and_evaluate(tiny.config(model_dir, data_path, **overrides, **mesh),
                            str(tmp_path / "many"))
-  def losses(name):
-    return [r["train/loss"] for r in logs.read_metrics(tmp_path / name) if "train/loss" in r]
-  assert len(losses("one")) == 5
-  np.testing.assert_allclose(losses("many"), losses("one"), atol=1e-5)
+  assert len(one_device_losses) == 5
+  np.testing.assert_allclose(_losses(tmp_path / "many"), one_device_losses, atol=1e-5)
 
   run = train.setup(tiny.config(model_dir, data_path, **overrides, **mesh))
   state, _ = _steps(run, 1)

@@ -18,9 +18,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
 
 
 def make_model(folder: pathlib.Path, minilm_dir: pathlib.Path, *, dropout: float = 0.1,
-               num_layers: int = 4) -> pathlib.Path:
+               num_layers: int = 4, hidden_size: int = 32) -> pathlib.Path:
   config = transformers.BertConfig(
-      vocab_size=30522, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+      vocab_size=30522, hidden_size=hidden_size, num_hidden_layers=num_layers,
+      num_attention_heads=4,
       intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
       attention_probs_dropout_prob=dropout)
   torch.manual_seed(0)
@@ -31,11 +32,10 @@ def make_model(folder: pathlib.Path, minilm_dir: pathlib.Path, *, dropout: float
 
 
 def make_data(folder: pathlib.Path, data_dir: pathlib.Path, sizes=(("train", 256),
-              ("validation", 64), ("test", 64))) -> pathlib.Path:
+              ("validation", 64), ("test", 64)), dataset: str = "rotten_tomatoes") -> pathlib.Path:
   folder.mkdir(parents=True, exist_ok=True)
   for split, n in sizes:
-    lines = (data_dir / "rotten_tomatoes" / f"{split}.jsonl").read_text(
-        encoding="utf-8").splitlines()
+    lines = (data_dir / dataset / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
     # The shared files list positives first: take both ends for both classes.
     lines = lines[:n // 2] + lines[-(n - n // 2):]
     assert {json.loads(line)["label"] for line in lines} == {0, 1}
@@ -58,10 +58,4 @@ def config(model_dir: pathlib.Path, data_path: pathlib.Path, **overrides):
   c.eval.batch_size = 32
   c.eval.every_steps = 3
   c.checkpoint.max_to_keep = 5
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config_lib.validate(c)
+  return config_lib.validate(config_lib.override(c, overrides))

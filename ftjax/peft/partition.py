@@ -28,6 +28,7 @@ Rules = Sequence[tuple[str, str]]
 
 # Task heads, trained by every strategy (the classifier is new for a new task).
 HEAD = r"classifier/.*"
+HEAD_PREFIXES = ("classifier/",)
 
 
 def strategy_rules(strategy: ml_collections.ConfigDict, *, num_layers: int) -> list[tuple[str, str]]:

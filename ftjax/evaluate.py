@@ -1,0 +1,184 @@
+"""Evaluate a run's orbax checkpoints: `python -m ftjax.evaluate --workdir=DIR`.
+
+  python -m ftjax.evaluate --workdir=/tmp/run --checkpoints=all --split=test
+  python -m ftjax.evaluate --workdir=/tmp/run --watch          # beside a training job
+  python -m ftjax.evaluate --workdir=/tmp/run --set data.path=/data/other_reviews
+
+The run's resolved `config.json` is read from the workdir; `--set key=value`
+changes it (another dataset, another mesh: `--set mesh.data=1`). Checkpoints
+restore onto this process's devices whatever mesh wrote them; a LoRA or
+frozen run's checkpoint (trainable leaves only) is joined with its base model,
+which `train.setup` loads as for training. Each evaluation is appended to
+`workdir/eval_<split>.jsonl` and printed as a table. `--watch` polls for new
+checkpoints and exits once training has written `results.json` (its final
+marker) and every checkpoint has been evaluated: the t5x-style evaluator job
+that runs beside a pod run.
+"""
+
+import ast
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+
+from ftjax import checkpoint as checkpoint_lib
+from ftjax import config as config_lib
+from ftjax import train
+from ftjax.errors import ConfigError, FtjaxError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_CHECKPOINTS = flags.DEFINE_string(
+    "checkpoints", "latest", "all | latest | best | comma-separated steps (e.g. 300,600).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
+_WATCH = flags.DEFINE_bool("watch", False, "Poll for new checkpoints until training finishes.")
+_POLL_SECONDS = flags.DEFINE_float("poll_seconds", 30.0, "Seconds between polls with --watch.")
+_SET = flags.DEFINE_multi_string("set", [], "key=value changes to the run's config.")
+flags.mark_flag_as_required("workdir")
+
+FINAL_MARKER = "results.json"
+
+
+def load_run_config(workdir: pathlib.Path, overrides: list[str]) -> ml_collections.ConfigDict:
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise FtjaxError(f"{workdir} has no config.json; expected the --workdir of a training run")
+  config = config_lib.default_config()
+  _update(config, json.loads(path.read_text(encoding="utf-8")))
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"--set {item!r}: expected key=value")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # A bare string such as a path.
+    try:
+      config_lib.override(config, {key: value})
+    except (AttributeError, KeyError, TypeError) as e:
+      raise ConfigError(f"--set {item!r}: {e}") from None
+  return config_lib.validate(config)
+
+
+def _update(config: ml_collections.ConfigDict, saved: dict) -> None:
+  """Copies a saved config.json (lists where the schema has tuples) into `config`."""
+  for key, value in saved.items():
+    if key not in config:
+      raise ConfigError(f"config.json has key {key!r} that this ftjax does not know")
+    if isinstance(config[key], ml_collections.ConfigDict):
+      _update(config[key], value)
+    else:
+      config[key] = _tuples(value) if isinstance(value, list) else value
+
+
+def _tuples(value):
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def select_steps(checkpointer: checkpoint_lib.Checkpointer, which: str) -> list[int]:
+  steps = sorted(checkpointer.manager.all_steps())
+  if which == "all":
+    return steps
+  if which == "latest":
+    return steps[-1:]
+  if which == "best":
+    best = checkpointer.manager.best_step()
+    return [] if best is None else [best]
+  try:
+    wanted = [int(s) for s in which.split(",")]
+  except ValueError:
+    raise ConfigError(f"--checkpoints={which!r}; expected all, latest, best or steps such as "
+                      f"300,600") from None
+  missing = [s for s in wanted if s not in steps]
+  if missing:
+    raise ConfigError(f"--checkpoints={which!r}: no checkpoint at step {missing[0]}; the "
+                      f"workdir has steps {steps}")
+  return wanted
+
+
+class Evaluator:
+  """Restores checkpoints of one run onto this process's devices and evaluates them."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path, split: str,
+               devices=None):
+    # Only `split` is read: it also stands in for the training split, whose
+    # lengths would otherwise set the padded lengths (and which another
+    # dataset may not have). Metrics do not depend on the padded length.
+    config.eval.splits = (split,)
+    config.eval.metric = f"{split}/accuracy"
+    config.data.train_split = split
+    self.config, self.workdir, self.split = config, workdir, split
+    self.run = train.setup(config, devices)
+    _, self.eval_step = train.compile_steps(self.run)
+    self.checkpointer = checkpoint_lib.Checkpointer(workdir, config, read_only=True)
+    self.out = workdir / f"eval_{split}.jsonl"
+
+  def evaluate(self, step: int) -> dict:
+    state = self.run.initial_state
+    saved, _ = self.checkpointer.restore(step, checkpoint_lib.abstract(
+        {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state}))
+    restored = state.replace(step=saved["step"], trainable=saved["trainable"])
+    results = {f"{self.split}/{k}": v
+               for k, v in train.evaluate(self.run, restored, self.eval_step, self.split).items()}
+    row = {"step": step, **results}
+    if jax.process_index() == 0:
+      with open(self.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+  def evaluated_steps(self) -> set[int]:
+    if not self.out.exists():
+      return set()
+    return {json.loads(line)["step"] for line in self.out.read_text().splitlines() if line}
+
+
+def print_table(rows: list[dict], split: str) -> None:
+  keys = ["loss", "accuracy", "precision", "recall", "f1"]
+  print(f"| step | {' | '.join(keys)} |")
+  print("|---:|" + "---:|" * len(keys))
+  for row in rows:
+    print(f"| {row['step']} | " + " | ".join(f"{row[f'{split}/{k}']:.4f}" for k in keys) + " |")
+
+
+def run_evaluator(workdir: str, *, checkpoints: str = "latest", split: str = "test",
+                  watch: bool = False, poll_seconds: float = 30.0,
+                  overrides: list[str] = (), devices=None) -> list[dict]:
+  workdir_path = pathlib.Path(workdir)
+  evaluator = Evaluator(load_run_config(workdir_path, list(overrides)), workdir_path, split,
+                        devices)
+  rows = []
+  if not watch:
+    for step in select_steps(evaluator.checkpointer, checkpoints):
+      rows.append(evaluator.evaluate(step))
+    print_table(rows, split)
+    return rows
+  # --watch: every checkpoint not yet evaluated, until the final marker.
+  while True:
+    finished = (workdir_path / FINAL_MARKER).exists()  # read before listing: no race
+    evaluator.checkpointer.manager.reload()
+    done = evaluator.evaluated_steps()
+    for step in sorted(evaluator.checkpointer.manager.all_steps()):
+      if step not in done:
+        logging.info("Evaluating new checkpoint %d", step)
+        rows.append(evaluator.evaluate(step))
+        print_table(rows[-1:], split)
+    if finished:
+      return rows
+    time.sleep(poll_seconds)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    run_evaluator(_WORKDIR.value, checkpoints=_CHECKPOINTS.value, split=_SPLIT.value,
+                  watch=_WATCH.value, poll_seconds=_POLL_SECONDS.value, overrides=_SET.value)
+  except FtjaxError as e:
+    sys.exit(f"ftjax: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
