@@ -69,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.strategy.name = "full"
   c.strategy.freeze_layers = 0
   c.strategy.freeze_embeddings = True
+  # head_only only: compute the frozen encoder's features once (inference
+  # mode, cached under <workdir>/feature_cache/) and train the head on them.
+  c.strategy.cache_features = False
   # Extra (regex, "trainable"|"frozen") rules over parameter paths, tried
   # before the strategy's own; first match wins.
   c.strategy.rules = ()
@@ -214,6 +217,10 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
           f"one of {STRATEGIES}")
   require(c.strategy.freeze_layers >= 0, "strategy.freeze_layers", c.strategy.freeze_layers,
           "a number of layers >= 0")
+  require(not c.strategy.cache_features or c.strategy.name == "head_only",
+          "strategy.cache_features", c.strategy.cache_features,
+          f"False with strategy.name={c.strategy.name!r} (features are cached only for "
+          f"head_only, whose encoder is frozen)")
   require(all(len(r) == 2 and r[1] in ("trainable", "frozen") for r in c.strategy.rules),
           "strategy.rules", c.strategy.rules, '(regex, "trainable"|"frozen") pairs')
   require(c.strategy.lora.rank >= 1, "strategy.lora.rank", c.strategy.lora.rank,

@@ -111,7 +111,9 @@ class Evaluator:
     config.eval.metric = f"{split}/accuracy"
     config.data.train_split = split
     self.config, self.workdir, self.split = config, workdir, split
-    self.run = train.setup(config, devices)
+    # A head-only run on cached features is evaluated on them too (computed
+    # for a split the run did not cache), so its metrics are the logged ones.
+    self.run = train.setup(config, devices, feature_cache_dir=workdir / "feature_cache")
     _, self.eval_step = train.compile_steps(self.run)
     self.checkpointer = checkpoint_lib.Checkpointer(workdir, config, read_only=True)
     self.out = workdir / f"eval_{split}.jsonl"

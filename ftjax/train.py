@@ -14,6 +14,7 @@ Order of a run:
 """
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -35,6 +36,7 @@ from flax import nnx
 
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import config as config_lib
+from ftjax import feature_cache
 from ftjax import logs, metrics, models, optim, sharding
 from ftjax.data import pipeline, sources
 from ftjax.models import keymap
@@ -55,12 +57,20 @@ class TrainState:
 
 def loss_and_metrics(model: models.Model, trainable, frozen, batch: Batch, *, rng=None,
                      deterministic: bool, normalizer=None):
-  """Weighted mean cross-entropy (sum / `normalizer`) and (correct, weight) sums."""
+  """Weighted mean cross-entropy (sum / `normalizer`) and (correct, weight) sums.
+
+  A batch holds token ids, or, with cached features, the head's input.
+  """
   params = partition.merge(trainable, frozen)
-  out = model.apply(params, batch["input_ids"], batch["attention_mask"],
-                    batch.get("token_type_ids"), deterministic=deterministic,
-                    rngs=None if rng is None else nnx.Rngs(dropout=rng))
-  logits = out.logits.astype(jnp.float32)
+  rngs = None if rng is None else nnx.Rngs(dropout=rng)
+  if "features" in batch:
+    logits = model.apply(params, batch["features"], method="classify",
+                         deterministic=deterministic, rngs=rngs)
+  else:
+    logits = model.apply(params, batch["input_ids"], batch["attention_mask"],
+                         batch.get("token_type_ids"), deterministic=deterministic,
+                         rngs=rngs).logits
+  logits = logits.astype(jnp.float32)
   weights = batch["weights"]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
   normalizer = weights.sum() if normalizer is None else normalizer
@@ -159,6 +169,17 @@ class Run:
   optimizer: optax.GradientTransformation
   learning_rate: optax.Schedule
   pad_id: int
+  # Split name -> (examples, embed) head inputs, when features are cached.
+  features: dict[str, np.ndarray] | None = None
+
+  def device_batch(self, split_name: str, batch: Mapping[str, np.ndarray]) -> dict:
+    """A host batch of `split_name` -> global arrays on the mesh, as the steps take them."""
+    if self.features is not None:
+      batch = {"features": self.features[split_name][batch["index"]],
+               "labels": batch["labels"], "weights": batch["weights"]}
+    else:
+      batch = {k: v for k, v in batch.items() if k != "index"}
+    return sharding.put_batch(batch, sharding.batch_sharding(self.config, self.mesh))
 
 
 def _load_split(config, split_name, tokenizer, num_labels):
@@ -179,8 +200,13 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
                      f"data-parallel size {dp} of mesh {dict(mesh.shape)}")
 
 
-def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
-  """Steps 1-4 of a run: mesh, model (loaded sharded), partition, data, state."""
+def setup(config: ml_collections.ConfigDict, devices=None,
+          feature_cache_dir: pathlib.Path | None = None) -> Run:
+  """Steps 1-4 of a run: mesh, model (loaded sharded), partition, data, state.
+
+  With `strategy.cache_features`, also the head's input features of every
+  split (read from `feature_cache_dir` when there, else computed and saved).
+  """
   config_lib.validate(config)
   mesh = sharding.make_mesh(config, devices)
   _check_batch_sizes(config, mesh)
@@ -239,9 +265,36 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
   step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
   state = TrainState(step=step, trainable=trainable, frozen=frozen, opt_state=opt_state)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  return Run(config=config, model=model, train_split=train_split, eval_splits=eval_splits,
-             buckets=buckets, steps=steps, mesh=mesh, initial_state=state, optimizer=optimizer,
-             learning_rate=learning_rate, pad_id=pad_id)
+  run = Run(config=config, model=model, train_split=train_split, eval_splits=eval_splits,
+            buckets=buckets, steps=steps, mesh=mesh, initial_state=state, optimizer=optimizer,
+            learning_rate=learning_rate, pad_id=pad_id)
+  if config.strategy.cache_features:
+    run.features = _cached_features(run, path_labels, feature_cache_dir)
+  return run
+
+
+def _cached_features(run: Run, path_labels: Mapping[str, str],
+                     cache_dir: pathlib.Path | None) -> dict[str, np.ndarray]:
+  """Every split's head inputs (see `ftjax.feature_cache`)."""
+  outside_head = [p for p, label in path_labels.items()
+                  if label == partition.TRAINABLE and not p.startswith(partition.HEAD_PREFIXES)]
+  if outside_head:
+    raise FtjaxError(
+        f"strategy.cache_features=True needs every parameter before the head frozen, but "
+        f"{outside_head[0]!r} is trainable (new in the checkpoint, or by strategy.rules); "
+        f"set --config.strategy.cache_features=False")
+  state, out, hits = run.initial_state, {}, []
+  splits = {run.config.data.train_split: run.train_split, **run.eval_splits}
+  for name, split in splits.items():
+    key = feature_cache.cache_key(run.config, name, split)
+    compute = functools.partial(
+        feature_cache.features, run.model, state.trainable, state.frozen, split,
+        config=run.config, mesh=run.mesh, buckets=run.buckets, pad_id=run.pad_id)
+    out[name], hit = feature_cache.load_or_compute(cache_dir, key, compute)
+    hits.append(f"{name} {'cached' if hit else 'computed'}")
+  logging.info("head-only on cached features (%s); cache: %s", "; ".join(hits),
+               cache_dir or "memory only")
+  return out
 
 
 def init_from(source: str, model: models.Model,
@@ -318,14 +371,12 @@ def evaluate(run: Run, state: TrainState, eval_step, split_name: str) -> dict[st
   Batches are dispatched back to back; results come to the host once, at
   the end (replicated outputs, so this is multi-host safe).
   """
-  batch_sharding = sharding.batch_sharding(run.config, run.mesh)
   outputs = []
   for batch in pipeline.eval_batches(run.eval_splits[split_name],
                                      global_batch_size=run.config.eval.batch_size,
                                      buckets=run.buckets, process_index=jax.process_index(),
                                      process_count=jax.process_count(), pad_id=run.pad_id):
-    outputs.append(eval_step(state.trainable, state.frozen,
-                             sharding.put_batch(batch, batch_sharding)))
+    outputs.append(eval_step(state.trainable, state.frozen, run.device_batch(split_name, batch)))
   outputs = jax.device_get(outputs)
   real = np.concatenate([o["weights"] for o in outputs]) > 0
   predictions = np.concatenate([o["predictions"] for o in outputs])[real]
@@ -397,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
-  run = setup(config, devices)
+  run = setup(config, devices, feature_cache_dir=workdir_path / "feature_cache")
   summary = partition_summary(run)
   steps = run.steps
   logging.info("steps: %s; buckets: %s; mesh: %s", steps, run.buckets, dict(run.mesh.shape))
@@ -440,7 +491,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if start is None:
     writer.write(0, summary)
   train_step, eval_step = compile_steps(run)
-  batch_sharding = sharding.batch_sharding(config, run.mesh)
 
   def save(step: int, eval_results: dict | None) -> None:
     meta = {"data_iterator": iterator.get_state(), "run": _run_identity(config),
@@ -463,7 +513,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     while step < steps.total:
       batch = next(iterator)
-      state, step_metrics = train_step(state, sharding.put_batch(batch, batch_sharding), rng)
+      state, step_metrics = train_step(state, run.device_batch(config.data.train_split, batch),
+                                       rng)
       step += 1
       window_examples += config.training.batch_size
       progress.update(1)

@@ -59,18 +59,17 @@ class _Variant:
 
   def __init__(self, name: str):
     import jax  # pylint: disable=g-import-not-at-top
-    from ftjax import sharding, train  # pylint: disable=g-import-not-at-top
+    from ftjax import train  # pylint: disable=g-import-not-at-top
     from ftjax.data import pipeline  # pylint: disable=g-import-not-at-top
     self.name, self.config = name, _config(VARIANTS[name])
     self.run = train.setup(self.config)
     self.summary = train.partition_summary(self.run)
     self.train_step, _ = train.compile_steps(self.run)
-    batch_sharding = sharding.batch_sharding(self.config, self.run.mesh)
     # The first batches of epoch 0 (seed 0): the same examples for every variant.
     iterator = pipeline.train_iterator(
         self.run.train_split, global_batch_size=self.config.training.batch_size,
         buckets=self.run.buckets, seed=0, num_epochs=1, pad_id=self.run.pad_id)
-    self.batches = [sharding.put_batch(next(iterator), batch_sharding)
+    self.batches = [self.run.device_batch(self.config.data.train_split, next(iterator))
                     for _ in range(_STEPS.value)]
     self.state, self.rng = self.run.initial_state, jax.random.key(0)
     self.first_call = {}

@@ -29,11 +29,11 @@ def _steps(run, num_steps):
   iterator = pipeline.train_iterator(run.train_split, global_batch_size=run.config.training.batch_size,
                                      buckets=run.buckets, seed=run.config.seed, num_epochs=1,
                                      pad_id=run.pad_id)
-  batch_sharding = sharding.batch_sharding(run.config, run.mesh)
   state, losses = run.initial_state, []
   rng = jax.random.key(run.config.seed)
   for _ in range(num_steps):
-    state, m = train_step(state, sharding.put_batch(next(iterator), batch_sharding), rng)
+    state, m = train_step(state, run.device_batch(run.config.data.train_split, next(iterator)),
+                          rng)
     losses.append(float(m["loss"]))
   return state, losses
 

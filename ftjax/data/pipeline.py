@@ -233,7 +233,8 @@ def _make_batch(split: TokenizedSplit, rows: np.ndarray, length: int, pad_id: in
     if token_type_ids_bl is not None:
       token_type_ids_bl[r, :len(ids)] = split.token_type_ids[i]
   batch = {"input_ids": input_ids_bl, "attention_mask": attention_mask_bl,
-           "labels": split.labels[rows], "weights": weights.astype(np.float32)}
+           "labels": split.labels[rows], "weights": weights.astype(np.float32),
+           "index": np.asarray(rows, np.int32)}
   if token_type_ids_bl is not None:
     batch["token_type_ids"] = token_type_ids_bl
   return batch
@@ -317,7 +318,8 @@ def train_iterator(split: TokenizedSplit, *, global_batch_size: int, buckets: tu
   Yields dicts of numpy arrays for the local batch (b = B / process_count
   rows, L = the batch's bucket length): `input_ids` (b, L) int32 padded with
   `pad_id`, `attention_mask` (b, L) int32, `labels` (b,) int32, `weights` (b,)
-  float32 (all 1), and `token_type_ids` (b, L) for sentence pairs. Stops after
+  float32 (all 1), `index` (b,) int32 (the examples' positions in `split`, for
+  per-example caches) and `token_type_ids` (b, L) for sentence pairs. Stops after
   `num_epochs` epochs.
   """
   rows = _local_rows(global_batch_size, process_index, process_count)

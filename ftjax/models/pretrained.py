@@ -77,9 +77,14 @@ class Model:
 
     return jax.jit(init_fn, out_shardings=shardings)(rng)
 
-  def apply(self, params: Params, *args, **kwargs):
-    """Runs the model: `model.apply(params, input_ids, attention_mask, ...)`."""
-    return nnx.merge(self.graphdef, params)(*args, **kwargs)
+  def apply(self, params: Params, *args, method: str | None = None, **kwargs):
+    """Runs the model: `model.apply(params, input_ids, attention_mask, ...)`.
+
+    `method` names another entry point of the family's module, e.g.
+    `model.apply(params, features, method="classify")`.
+    """
+    module = nnx.merge(self.graphdef, params)
+    return (module if method is None else getattr(module, method))(*args, **kwargs)
 
   def num_params(self) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))

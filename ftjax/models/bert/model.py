@@ -321,8 +321,24 @@ class BertFamilyModel(nnx.Module):
     logits = None
     if self.config.task == "classification":
       features_be = _pool(self.config, x_bse, pooled_be, attention_mask)
-      logits = self.classifier(features_be, deterministic=deterministic, rngs=rngs)
+      logits = self.classify(features_be, deterministic=deterministic, rngs=rngs)
     return EncoderOutput(x_bse, tuple(hidden_states), pooled_be, logits)
+
+  def features(self, input_ids, attention_mask=None, token_type_ids=None) -> jax.Array:
+    """(batch, embed): what the classification head reads, in inference mode.
+
+    With a frozen encoder these are fixed per example, so head-only training
+    can compute them once and train `classify` on them (feature caching).
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    out = self(input_ids, attention_mask, token_type_ids, deterministic=True)
+    return _pool(self.config, out.last_hidden_state, out.pooled, attention_mask)
+
+  def classify(self, features_be, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The head alone: features (batch, embed) -> logits (batch, num_labels)."""
+    return self.classifier(features_be, deterministic=deterministic, rngs=rngs)
 
 
 def _pool(cfg: EncoderConfig, x_bse, pooled_be, attention_mask_bs):
