@@ -22,6 +22,7 @@ setuptools.setup(
         "ml_collections>=1.0",
         "grain>=0.2",
         "safetensors>=0.4",
+        "gguf>=0.10",  # reading llama.cpp GGUF checkpoints (ftjax.models.gguf)
         "huggingface_hub",
         "tqdm",
         "numpy",
@@ -32,7 +33,7 @@ setuptools.setup(
     extras_require={
         # torch is pinned: a CPU wheel of exactly this version ships on the
         # project's machines; any other version downloads several GB.
-        "test": ["pytest", "torch==2.13.0", "peft"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft"],
         "tfds": ["tensorflow-cpu"],
     },
 )

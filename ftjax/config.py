@@ -136,6 +136,7 @@ def default_config() -> ml_collections.ConfigDict:
       ("embed", "fsdp"),
       ("vocab", "tensor"),
       ("heads", "tensor"),
+      ("kv_heads", "tensor"),
       ("mlp", "tensor"),
   )
 

@@ -66,26 +66,36 @@ def _weight_files(name_or_path: str) -> list:
           for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".bin", ".json")]
 
 
-def features(model: models.Model, trainable, frozen, split: pipeline.TokenizedSplit, *,
+def feature_step(model: models.Model, trainable, frozen, *, config: ml_collections.ConfigDict,
+                 mesh: jax.sharding.Mesh):
+  """The jitted `(trainable, frozen, batch) -> (features, index, weights)`, built once per run.
+
+  Runs the encoder in inference mode, sharded like evaluation; outputs are
+  replicated so every host gets every row. One compile per bucket length,
+  shared by all splits.
+  """
+  batch_sharding = sharding.batch_sharding(config, mesh)
+
+  def fn(trainable, frozen, batch):
+    params = partition.merge(trainable, frozen)
+    feats = model.apply(params, batch["input_ids"], batch["attention_mask"], method="features",
+                        **pipeline.token_types(batch))
+    return feats.astype(np.float32), batch["index"], batch["weights"]
+
+  shardings = jax.tree.map(lambda x: x.sharding, (trainable, frozen))
+  return jax.jit(fn, in_shardings=(*shardings, batch_sharding),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def features(step, trainable, frozen, split: pipeline.TokenizedSplit, *,
              config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
              buckets: tuple[int, ...], pad_id: int) -> np.ndarray:
   """(examples, embed) float32: the head's input for every example of `split`.
 
-  Runs the encoder in inference mode, batch by batch (eval batches: every
-  example once, bucketed), sharded like evaluation; results are replicated so
-  every host gets the whole array.
+  `step` is `feature_step(...)`; batches are eval batches (every example
+  once, bucketed).
   """
   batch_sharding = sharding.batch_sharding(config, mesh)
-  replicated = sharding.replicated(mesh)
-
-  def fn(trainable, frozen, batch):
-    params = partition.merge(trainable, frozen)
-    feats = model.apply(params, batch["input_ids"], batch["attention_mask"],
-                        batch.get("token_type_ids"), method="features")
-    return feats.astype(np.float32), batch["index"], batch["weights"]
-
-  shardings = jax.tree.map(lambda x: x.sharding, (trainable, frozen))
-  step = jax.jit(fn, in_shardings=(*shardings, batch_sharding), out_shardings=replicated)
   outputs = [step(trainable, frozen, sharding.put_batch(batch, batch_sharding))
              for batch in pipeline.eval_batches(
                  split, global_batch_size=config.eval.batch_size, buckets=buckets,

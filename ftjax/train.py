@@ -56,20 +56,26 @@ class TrainState:
 
 
 def loss_and_metrics(model: models.Model, trainable, frozen, batch: Batch, *, rng=None,
-                     deterministic: bool, normalizer=None):
+                     deterministic: bool, normalizer=None, frozen_encoder: bool = False):
   """Weighted mean cross-entropy (sum / `normalizer`) and (correct, weight) sums.
 
-  A batch holds token ids, or, with cached features, the head's input.
+  A batch holds token ids, or, with cached features, the head's input. With
+  `frozen_encoder` (head-only) the encoder runs in inference mode and only the
+  head sees dropout: the function cached features compute, so caching them
+  is an exact speed-up.
   """
   params = partition.merge(trainable, frozen)
   rngs = None if rng is None else nnx.Rngs(dropout=rng)
-  if "features" in batch:
-    logits = model.apply(params, batch["features"], method="classify",
-                         deterministic=deterministic, rngs=rngs)
+  if "features" in batch or frozen_encoder:
+    features = batch["features"] if "features" in batch else model.apply(
+        params, batch["input_ids"], batch["attention_mask"], method="features",
+        **pipeline.token_types(batch))
+    logits = model.apply(params, features, method="classify", deterministic=deterministic,
+                         rngs=rngs)
   else:
     logits = model.apply(params, batch["input_ids"], batch["attention_mask"],
-                         batch.get("token_type_ids"), deterministic=deterministic,
-                         rngs=rngs).logits
+                         deterministic=deterministic, rngs=rngs,
+                         **pipeline.token_types(batch)).logits
   logits = logits.astype(jnp.float32)
   weights = batch["weights"]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
@@ -80,7 +86,8 @@ def loss_and_metrics(model: models.Model, trainable, frozen, batch: Batch, *, rn
 
 
 def make_train_step(model: models.Model, optimizer: optax.GradientTransformation,
-                    learning_rate: optax.Schedule, accumulation_steps: int) -> Callable:
+                    learning_rate: optax.Schedule, accumulation_steps: int, *,
+                    frozen_encoder: bool = False) -> Callable:
   """The pure step `train_step(state, batch, rng) -> (state, metrics)`.
 
   Only `state.trainable` is differentiated: JAX does no backward work for a
@@ -91,7 +98,8 @@ def make_train_step(model: models.Model, optimizer: optax.GradientTransformation
   def grads_and_metrics(trainable, frozen, batch, rng):
     grad_fn = jax.value_and_grad(
         lambda t, b, r, n: loss_and_metrics(model, t, frozen, b, rng=r, deterministic=False,
-                                            normalizer=n), has_aux=True)
+                                            normalizer=n, frozen_encoder=frozen_encoder),
+        has_aux=True)
     total_weight = batch["weights"].sum()
     if accumulation_steps == 1:
       (loss, (correct, weight, _)), grads = grad_fn(trainable, batch, rng, total_weight)
@@ -285,10 +293,12 @@ def _cached_features(run: Run, path_labels: Mapping[str, str],
         f"set --config.strategy.cache_features=False")
   state, out, hits = run.initial_state, {}, []
   splits = {run.config.data.train_split: run.train_split, **run.eval_splits}
+  step = feature_cache.feature_step(run.model, state.trainable, state.frozen, config=run.config,
+                                    mesh=run.mesh)
   for name, split in splits.items():
     key = feature_cache.cache_key(run.config, name, split)
     compute = functools.partial(
-        feature_cache.features, run.model, state.trainable, state.frozen, split,
+        feature_cache.features, step, state.trainable, state.frozen, split,
         config=run.config, mesh=run.mesh, buckets=run.buckets, pad_id=run.pad_id)
     out[name], hit = feature_cache.load_or_compute(cache_dir, key, compute)
     hits.append(f"{name} {'cached' if hit else 'computed'}")
@@ -345,7 +355,8 @@ def compile_steps(run: Run) -> tuple[Callable, Callable]:
   replicated = sharding.replicated(run.mesh)
   train_step = jax.jit(
       make_train_step(run.model, run.optimizer, run.learning_rate,
-                      run.config.optimizer.accumulation_steps),
+                      run.config.optimizer.accumulation_steps,
+                      frozen_encoder=run.config.strategy.name == "head_only"),
       in_shardings=(state_sharding, batch_sharding, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(run.model),

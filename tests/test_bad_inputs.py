@@ -57,7 +57,7 @@ def test_folder_without_config_json(tmp_path):
 def test_unsupported_model_type_lists_supported(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
   result = run_main(f"--workdir={tmp_path / 'w'}", f"--config.model.name_or_path={tmp_path}")
-  assert_one_line_error(result, "'gpt_neox'", "not supported", "bert, distilbert, roberta")
+  assert_one_line_error(result, "'gpt_neox'", "not supported", "bert, distilbert, gpt2, llama, mistral, qwen2, qwen3, roberta")
 
 
 def test_checkpoint_missing_a_tensor_is_named(tiny_bert, tmp_path):

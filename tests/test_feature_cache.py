@@ -16,12 +16,13 @@ HEAD_ONLY = {"strategy.name": "head_only", "eval.splits": ("validation",)}
 def tiny_dirs(tmp_path_factory, minilm_dir, data_dir):
   root = tmp_path_factory.mktemp("tiny_cache")
   return (tiny.make_data(root / "data", data_dir),
-          tiny.make_model(root / "model_no_dropout", minilm_dir, dropout=0.0))
+          tiny.make_model(root / "model", minilm_dir, dropout=0.1))
 
 
 def test_cached_features_train_exactly_like_the_encoder(tiny_dirs, tmp_path):
-  # Without dropout, head-only on the encoder's output and on cached features
-  # is the same function of the same batches: same losses, same head, same eval.
+  # Head-only runs its frozen encoder in inference mode (dropout only in the
+  # head), so training on cached features is the same function of the same
+  # batches, with the same dropout masks: same losses, same head, same eval.
   data_path, model_dir = tiny_dirs
   devices = jax.devices()[:1]
   plain = train.setup(tiny.config(model_dir, data_path, **HEAD_ONLY), devices)

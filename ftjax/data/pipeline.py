@@ -240,6 +240,11 @@ def _make_batch(split: TokenizedSplit, rows: np.ndarray, length: int, pad_id: in
   return batch
 
 
+def token_types(batch) -> dict:
+  """`token_type_ids=` for a sentence-pair batch (encoders take it); nothing otherwise."""
+  return {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+
+
 class _TrainPlan:
   """Global step -> this process's batch; caches the current epoch's plan."""
 

@@ -43,8 +43,8 @@ def resolve(name_or_path: str) -> pathlib.Path:
   if path.exists():
     if not path.is_dir():
       raise CheckpointError(
-          f"model path {name_or_path!r} is a file; expected a folder holding config.json and "
-          f"model.safetensors, or a Hugging Face hub id")
+          f"model path {name_or_path!r} is a file but not a GGUF file; expected a folder holding "
+          f"config.json and model.safetensors, a .gguf file, or a Hugging Face hub id")
     return path
   if not _HUB_ID.fullmatch(name_or_path) or name_or_path.startswith((".", "~")):
     raise CheckpointError(f"model folder {name_or_path!r} does not exist")

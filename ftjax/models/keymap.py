@@ -37,7 +37,9 @@ class Transform:
   a PyTorch Linear weight, stored (out, in), becomes a Flax kernel
   (in..., out...); `in_dims` says how many leading Flax axes form the input,
   e.g. 1 for a query kernel (embed, heads, kv), 2 for the attention output
-  kernel (heads, kv, embed).
+  kernel (heads, kv, embed). kind "conv1d": GPT-2's Conv1D weight, already
+  stored (in, out), only reshaped to the Flax kernel (in..., out...), e.g.
+  c_attn (embed, 3*heads*kv) as a fused (embed, 3, heads, kv) kernel.
   """
 
   kind: str = "identity"
@@ -48,6 +50,8 @@ class Transform:
       return tuple(flax_shape)
     if self.kind == "flatten":
       return (math.prod(flax_shape),)
+    if self.kind == "conv1d":
+      return (math.prod(flax_shape[:self.in_dims]), math.prod(flax_shape[self.in_dims:]))
     return (math.prod(flax_shape[self.in_dims:]), math.prod(flax_shape[:self.in_dims]))
 
   def to_flax(self, x: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
@@ -63,6 +67,8 @@ IDENTITY = Transform()
 FLATTEN = Transform("flatten")
 LINEAR = Transform("linear", in_dims=1)      # (out, in) <-> (in, out...)
 LINEAR_IN2 = Transform("linear", in_dims=2)  # (out, in) <-> (heads, kv, out)
+CONV1D = Transform("conv1d", in_dims=1)      # (in, out) <-> (in, out...)
+CONV1D_IN2 = Transform("conv1d", in_dims=2)  # (in, out) <-> (heads, kv, out)
 
 
 @dataclasses.dataclass(frozen=True)

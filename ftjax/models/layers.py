@@ -88,6 +88,34 @@ def layer_norm(features: int, *, eps: float, dtype, param_dtype=jnp.float32,
                        bias_metadata=_axes(("embed",)), rngs=rngs)
 
 
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm as Llama-family checkpoints define it (no mean, no bias).
+
+  Hugging Face's LlamaRMSNorm (and Qwen2/Qwen3/Mistral's copies) computes
+  `x * rsqrt(mean(x^2) + eps)` in float32, casts back to the input dtype and
+  only then multiplies by the weight; doing the same here keeps bfloat16
+  runs close to PyTorch's, not just float32 ones.
+  """
+
+  def __init__(self, features: int, *, eps: float, dtype, param_dtype=jnp.float32,
+               axes: Sequence[str] = ("embed",)):
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype), **_axes(axes))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * normed.astype(x.dtype).astype(self.dtype)
+
+
+def rms_norm(features: int, *, eps: float, dtype, param_dtype=jnp.float32,
+             axes: Sequence[str] = ("embed",), rngs: nnx.Rngs | None = None) -> RMSNorm:
+  """An `RMSNorm` whose `scale` has logical axes `axes` (("kv",) for per-head norms)."""
+  del rngs  # The scale starts at one; taken for the same signature as `layer_norm`.
+  return RMSNorm(features, eps=eps, dtype=dtype, param_dtype=param_dtype, axes=axes)
+
+
 def padding_mask(attention_mask_bs: jax.Array) -> jax.Array:
   """(batch, seq) 1/0 mask -> boolean (batch, 1, 1, seq) mask for `attention`."""
   return attention_mask_bs.astype(bool)[:, None, None, :]

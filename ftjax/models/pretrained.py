@@ -6,6 +6,11 @@ parameter pytree (nested dicts of arrays, keys like
 partitions, orbax, sharding, LoRA) works on that plain pytree;
 `model.apply(params, ...)` merges them back for a forward pass, which costs
 nothing at run time inside `jax.jit`.
+
+A checkpoint is a Hugging Face folder (or hub id), or a llama.cpp GGUF file,
+which `ftjax.models.gguf` reads as the Hugging Face checkpoint it was
+converted from: a config.json dict and tensors under Hugging Face names. From
+there both load through the same family key table.
 """
 
 import dataclasses
@@ -24,8 +29,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from ftjax.errors import CheckpointError, ConfigError
-from ftjax.models import hub, keymap
-from ftjax.models.registry import FAMILIES, Family
+from ftjax.models import gguf, hub, keymap
+from ftjax.models.registry import BASE_TASKS, FAMILIES, Family
 
 Params = dict[str, Any]
 
@@ -109,13 +114,42 @@ def _family(model_type: str | None, where: str) -> Family:
 def config_from_pretrained(name_or_path: str, *, task: str = "encoder",
                            num_labels: int | None = None, dtype: str = "float32",
                            pooling: str = "pooler"):
-  """The ftjax config of a checkpoint, read from its config.json only."""
+  """The ftjax config of a checkpoint, read from its config.json (or GGUF metadata) only."""
+  checkpoint = _open_checkpoint(name_or_path)
+  return _config(checkpoint, task, num_labels, dtype, pooling)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checkpoint:
+  """Where a checkpoint lives, its config.json contents and how to read its tensors."""
+
+  where: pathlib.Path  # the folder, or the GGUF file
+  config_source: str   # what the config was read from, for error messages
+  hf_config: dict
+  # Opens the tensors lazily: reading a config must not need the weights.
+  open_tensors: Callable[[], keymap.TensorSource]
+
+
+def _is_gguf_path(name_or_path: str) -> bool:
+  """A GGUF file, or a path that names one (so a missing file says so, not "no folder")."""
+  path = pathlib.Path(name_or_path).expanduser()
+  return gguf.is_gguf(path) or (path.suffix.lower() == ".gguf" and not path.is_dir())
+
+
+def _open_checkpoint(name_or_path: str, *, allow_pickle: bool = False) -> _Checkpoint:
+  if _is_gguf_path(name_or_path):
+    # The file's metadata is the config and its tensors, dequantised when read,
+    # carry Hugging Face names; the memory map is parsed once, here.
+    hf_config, tensors = gguf.read_gguf(name_or_path)
+    return _Checkpoint(tensors.path, str(tensors.path), hf_config, lambda: tensors)
   folder = hub.resolve(name_or_path)
-  return _config(folder, hub.read_config(folder), task, num_labels, dtype, pooling)
+  return _Checkpoint(folder, str(folder / hub.CONFIG), hub.read_config(folder),
+                     lambda: hub.open_weights(folder, allow_pickle=allow_pickle))
 
 
-def _config(folder, hf_config, task, num_labels, dtype, pooling):
-  family = _family(hf_config.get("model_type"), str(folder / hub.CONFIG))
+def _config(checkpoint: _Checkpoint, task, num_labels, dtype, pooling):
+  hf_config = checkpoint.hf_config
+  family = _family(hf_config.get("model_type"), checkpoint.config_source)
   if task not in family.architectures:
     raise ConfigError(f"task {task!r} is not supported for {hf_config['model_type']}; "
                       f"expected one of {sorted(family.architectures)}")
@@ -144,12 +178,13 @@ def load_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int
   shards and new heads are initialised already sharded, so no device ever
   holds the whole model.
   """
-  folder = hub.resolve(name_or_path)
-  config = _config(folder, hub.read_config(folder), task, num_labels, dtype, pooling)
+  checkpoint = _open_checkpoint(name_or_path, allow_pickle=allow_pickle)
+  folder = checkpoint.where
+  config = _config(checkpoint, task, num_labels, dtype, pooling)
   model = Model.build(config)
   table = model.family.table
   flat_shapes = {p: tuple(x.shape) for p, x in keymap.flatten(model.abstract_params).items()}
-  tensors = hub.open_weights(folder, allow_pickle=allow_pickle)
+  tensors = checkpoint.open_tensors()
   filled, skipped = keymap.import_params(table, tensors, flat_shapes, source=str(folder))
 
   missing = [p for p in flat_shapes if p not in filled]
@@ -179,7 +214,8 @@ def from_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int
                     allow_pickle: bool = False, seed: int = 0) -> tuple[Model, Params]:
   """Loads a Hugging Face checkpoint as (Model, params).
 
-  `name_or_path` is a local folder or a hub id. Every checkpoint tensor must
+  `name_or_path` is a local folder, a hub id or a GGUF file (a Llama-family
+  model, dequantised to float32 as it is read). Every checkpoint tensor must
   map to a parameter (or be a known unused one, such as a pre-training head),
   and every parameter must be filled, except task heads the checkpoint lacks,
   which are initialised from `seed` and reported in one log line.
@@ -203,7 +239,7 @@ def save_pretrained(params: Params, config, out_dir: str | os.PathLike) -> pathl
   out.mkdir(parents=True, exist_ok=True)
   flat = {p: np.asarray(jax.device_get(x), dtype=np.float32)
           for p, x in keymap.flatten(params).items()}
-  tensors = keymap.export_params(family.table, flat, task_model=config.task != "encoder")
+  tensors = keymap.export_params(family.table, flat, task_model=config.task not in BASE_TASKS)
   hf_config = config.to_hf()
   hf_config["architectures"] = [family.architectures[config.task]]
   hf_config["dtype"] = "float32"
@@ -226,7 +262,13 @@ def _atomic_write(path: pathlib.Path, write) -> None:
 
 
 def load_tokenizer(name_or_path: str):
-  """The checkpoint's tokenizer, via `transformers.AutoTokenizer` (no remote code)."""
+  """The checkpoint's tokenizer, via `transformers.AutoTokenizer` (no remote code).
+
+  A GGUF file carries its own tokenizer, which transformers rebuilds from the
+  file's metadata.
+  """
+  if _is_gguf_path(name_or_path):
+    return gguf.load_gguf_tokenizer(name_or_path)
   import transformers  # pylint: disable=g-import-not-at-top
   folder = hub.resolve(name_or_path)
   try:

@@ -45,7 +45,8 @@ def strategy_rules(strategy: ml_collections.ConfigDict, *, num_layers: int) -> l
     if strategy.freeze_embeddings:
       rules.append((r"embeddings/.*", FROZEN))
     if k:
-      rules.append((rf"encoder/layers/({'|'.join(map(str, range(k)))})/.*", FROZEN))
+      # Encoders keep their layers under encoder/, decoders under decoder/.
+      rules.append((rf"(encoder|decoder)/layers/({'|'.join(map(str, range(k)))})/.*", FROZEN))
     rules.append((".*", TRAINABLE))
   elif name == "head_only":
     rules += [(HEAD, TRAINABLE), (".*", FROZEN)]
