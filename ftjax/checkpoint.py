@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from ftjax.errors import ConfigError
+
 
 class Checkpointer:
   """`workdir/checkpoints/<step>/{state,meta}`."""
@@ -102,3 +104,25 @@ def read_trainable(workdir: pathlib.Path, step: int) -> dict:
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   return {path: np.asarray(value)
           for path, value in keymap.flatten(restored["state"]["trainable"]).items()}
+
+
+def select_steps(checkpointer: Checkpointer, which: str) -> list[int]:
+  """Saved steps picked by `which`: all | latest | best | comma-separated steps."""
+  steps = sorted(checkpointer.manager.all_steps())
+  if which == "all":
+    return steps
+  if which == "latest":
+    return steps[-1:]
+  if which == "best":
+    best = checkpointer.manager.best_step()
+    return [] if best is None else [best]
+  try:
+    wanted = [int(s) for s in which.split(",")]
+  except ValueError:
+    raise ConfigError(f"checkpoints {which!r}; expected all, latest, best or steps such as "
+                      f"300,600") from None
+  missing = [s for s in wanted if s not in steps]
+  if missing:
+    raise ConfigError(f"checkpoints {which!r}: no checkpoint at step {missing[0]}; the "
+                      f"workdir has steps {steps}")
+  return wanted

@@ -6,7 +6,11 @@ keys the schema does not have (a typo such as `model.nmae`) and values of the
 wrong type or outside their range, naming the key.
 """
 
+import ast
+import json
 import os
+import pathlib
+import re
 from typing import NamedTuple
 
 import ml_collections
@@ -14,13 +18,15 @@ from ml_collections import config_dict
 
 from ftjax.errors import ConfigError
 
-TASKS = ("encoder", "classification")
+TASKS = ("encoder", "classification", "decoder", "causal_lm")
 DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("pooler", "cls", "mean")
 SOURCES = ("files", "hf", "tfds")
 STRATEGIES = ("full", "freeze", "head_only", "lora")
 MESH_AXES = ("data", "fsdp", "tensor")
-EVAL_METRICS = ("loss", "accuracy", "precision", "recall", "f1")
+CLASSIFICATION_METRICS = ("loss", "accuracy", "precision", "recall", "f1")
+LM_METRICS = ("loss", "accuracy", "perplexity", "exact_match")
+TEMPLATES = ("alpaca", "chat")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -30,7 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
   # A Hugging Face hub id or a local folder with config.json + model.safetensors.
   c.model.name_or_path = ""
   # "classification" adds the family's sequence-classification head;
-  # "encoder" is the bare model (hidden states).
+  # "causal_lm" a decoder's language-model head (instruction tuning);
+  # "encoder" / "decoder" is the bare model (hidden states).
   c.model.task = "classification"
   # Classes of the classification head; None: from the checkpoint's id2label.
   c.model.num_labels = config_dict.placeholder(int)
@@ -62,6 +69,20 @@ def default_config() -> ml_collections.ConfigDict:
   # pads everything to max_length.
   c.data.bucket_lengths = ()
   c.data.num_buckets = 4
+  # Instruction data (model.task="causal_lm"): records {instruction, input,
+  # output} or {input, output}; the loss is on the output (+ EOS) only.
+  c.data.instruction_column = "instruction"
+  c.data.input_column = "input"
+  c.data.output_column = "output"
+  # "alpaca": the Alpaca prompt ("### Instruction: ... ### Response:");
+  # "chat": the tokenizer's chat template (a user turn + generation prompt).
+  c.data.template = "alpaca"
+  # Pack several examples into each max_length row (segment ids keep them
+  # apart; positions restart); False pads each example to its bucket.
+  c.data.packing = False
+  # Multi-task mixing: ((name, path, weight), ...) read instead of data.path;
+  # training samples task t with probability weight_t / sum(weights).
+  c.data.mixture = ()
 
   c.strategy = ml_collections.ConfigDict()
   # "full" | "freeze" (embeddings + the first `freeze_layers` layers) |
@@ -79,7 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.strategy.lora.rank = 8
   c.strategy.lora.alpha = 16.0
   c.strategy.lora.dropout = 0.0
-  # Regexes over module paths, e.g. "encoder/layers/3/attention/query".
+  # Regexes over module paths, e.g. "encoder/layers/3/attention/query" or
+  # "decoder/layers/3/attention/query" (q_proj); "all-linear": every
+  # projection of every layer.
   c.strategy.lora.targets = (r".*/attention/(query|value)",)
 
   c.optimizer = ml_collections.ConfigDict()
@@ -117,6 +140,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.mode = "max"
   # Stop after this many evaluations without improvement (0: never).
   c.eval.early_stopping_patience = 0
+  # Evaluate (and log) once before the first step too, e.g. for a
+  # before/after perplexity.
+  c.eval.at_start = False
+  # At most this many examples of each eval split (per task); 0: all.
+  c.eval.max_examples = 0
+  # causal_lm: greedy generation on the first N examples of each eval split
+  # (per task) for exact match of the final answer; 0: no generation.
+  c.eval.generate_examples = 0
+  c.eval.max_new_tokens = 256
+  # The final answer in a response: group 1 of this regex (GSM8K's "#### 72");
+  # a response without it is compared whole.
+  c.eval.answer_regex = r"####\s*(.+)"
+  # Predictions written to the log and <workdir>/samples.jsonl per evaluation.
+  c.eval.num_samples = 4
 
   c.checkpoint = ml_collections.ConfigDict()
   # Save every N steps (None: at every evaluation) and at the end.
@@ -214,6 +251,19 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   require(c.data.num_buckets >= 1, "data.num_buckets", c.data.num_buckets, "at least 1")
   require(all(isinstance(n, int) and n >= 1 for n in c.data.bucket_lengths),
           "data.bucket_lengths", c.data.bucket_lengths, "positive lengths")
+  require(c.data.template in TEMPLATES, "data.template", c.data.template, f"one of {TEMPLATES}")
+  require(not c.data.packing or c.model.task == "causal_lm", "data.packing", c.data.packing,
+          "False unless model.task='causal_lm' (packing is for instruction tuning)")
+  for entry in c.data.mixture:
+    require(len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], str)
+            and isinstance(entry[2], (int, float)) and entry[2] > 0, "data.mixture", entry,
+            "(name, path, weight > 0) triples")
+  names = [entry[0] for entry in c.data.mixture]
+  require(len(set(names)) == len(names), "data.mixture", names, "distinct task names")
+  require(not c.data.mixture or c.model.task == "causal_lm", "data.mixture", names,
+          "empty unless model.task='causal_lm' (mixing is for instruction tuning)")
+  require(not (c.data.mixture and c.data.path), "data.path", c.data.path,
+          "empty when data.mixture names the tasks' paths")
   require(c.strategy.name in STRATEGIES, "strategy.name", c.strategy.name,
           f"one of {STRATEGIES}")
   require(c.strategy.freeze_layers >= 0, "strategy.freeze_layers", c.strategy.freeze_layers,
@@ -261,10 +311,23 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   require(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, ">= 1")
   require(c.eval.mode in ("max", "min"), "eval.mode", c.eval.mode, "'max' or 'min'")
   split, _, metric = c.eval.metric.partition("/")
-  require(not c.eval.splits or (split in c.eval.splits and metric in EVAL_METRICS),
+  metric = metric.rsplit("/", 1)[-1]  # "<split>/<task>/<metric>" for one task of a mixture
+  metrics = LM_METRICS if c.model.task == "causal_lm" else CLASSIFICATION_METRICS
+  require(not c.eval.splits or (split in c.eval.splits and metric in metrics),
           "eval.metric", c.eval.metric,
           f"'<split>/<metric>' with a split of eval.splits {tuple(c.eval.splits)} and a metric "
-          f"of {EVAL_METRICS}")
+          f"of {metrics}")
+  require(c.eval.max_examples >= 0, "eval.max_examples", c.eval.max_examples, ">= 0 (0: all)")
+  require(c.eval.generate_examples >= 0, "eval.generate_examples", c.eval.generate_examples,
+          ">= 0 (0: no generation)")
+  require(not c.eval.generate_examples or c.model.task == "causal_lm", "eval.generate_examples",
+          c.eval.generate_examples, "0 unless model.task='causal_lm'")
+  require(c.eval.max_new_tokens >= 1, "eval.max_new_tokens", c.eval.max_new_tokens, ">= 1")
+  require(c.eval.num_samples >= 0, "eval.num_samples", c.eval.num_samples, ">= 0")
+  try:
+    re.compile(c.eval.answer_regex)
+  except re.error as e:
+    require(False, "eval.answer_regex", c.eval.answer_regex, f"a valid regex ({e})")
   require(c.eval.early_stopping_patience >= 0, "eval.early_stopping_patience",
           c.eval.early_stopping_patience, ">= 0 (0: off)")
   require(c.checkpoint.every_steps is None or c.checkpoint.every_steps >= 1,
@@ -311,3 +374,40 @@ def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> St
   eval_every = config.eval.every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint.every_steps or eval_every
   return Steps(total, warmup, eval_every, checkpoint_every, steps_per_epoch)
+
+
+def load_run_config(workdir: pathlib.Path, overrides: list[str]) -> ml_collections.ConfigDict:
+  """A run's resolved config (`workdir/config.json`), with `key=value` overrides, validated."""
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise ConfigError(f"{workdir} has no config.json; expected the --workdir of a training run")
+  config = default_config()
+  _update(config, json.loads(path.read_text(encoding="utf-8")))
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"--set {item!r}: expected key=value")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # A bare string such as a path.
+    try:
+      override(config, {key: value})
+    except (AttributeError, KeyError, TypeError) as e:
+      raise ConfigError(f"--set {item!r}: {e}") from None
+  return validate(config)
+
+
+def _update(config: ml_collections.ConfigDict, saved: dict) -> None:
+  """Copies a saved config.json (lists where the schema has tuples) into `config`."""
+  for key, value in saved.items():
+    if key not in config:
+      raise ConfigError(f"config.json has key {key!r} that this ftjax does not know")
+    if isinstance(config[key], ml_collections.ConfigDict):
+      _update(config[key], value)
+    else:
+      config[key] = _tuples(value) if isinstance(value, list) else value
+
+
+def _tuples(value):
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

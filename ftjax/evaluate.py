@@ -15,7 +15,6 @@ marker) and every checkpoint has been evaluated: the t5x-style evaluator job
 that runs beside a pod run.
 """
 
-import ast
 import json
 import pathlib
 import sys
@@ -28,7 +27,7 @@ from absl import app, flags, logging
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import config as config_lib
 from ftjax import train
-from ftjax.errors import ConfigError, FtjaxError
+from ftjax.errors import FtjaxError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _CHECKPOINTS = flags.DEFINE_string(
@@ -40,63 +39,6 @@ _SET = flags.DEFINE_multi_string("set", [], "key=value changes to the run's conf
 flags.mark_flag_as_required("workdir")
 
 FINAL_MARKER = "results.json"
-
-
-def load_run_config(workdir: pathlib.Path, overrides: list[str]) -> ml_collections.ConfigDict:
-  path = workdir / "config.json"
-  if not path.is_file():
-    raise FtjaxError(f"{workdir} has no config.json; expected the --workdir of a training run")
-  config = config_lib.default_config()
-  _update(config, json.loads(path.read_text(encoding="utf-8")))
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep:
-      raise ConfigError(f"--set {item!r}: expected key=value")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text  # A bare string such as a path.
-    try:
-      config_lib.override(config, {key: value})
-    except (AttributeError, KeyError, TypeError) as e:
-      raise ConfigError(f"--set {item!r}: {e}") from None
-  return config_lib.validate(config)
-
-
-def _update(config: ml_collections.ConfigDict, saved: dict) -> None:
-  """Copies a saved config.json (lists where the schema has tuples) into `config`."""
-  for key, value in saved.items():
-    if key not in config:
-      raise ConfigError(f"config.json has key {key!r} that this ftjax does not know")
-    if isinstance(config[key], ml_collections.ConfigDict):
-      _update(config[key], value)
-    else:
-      config[key] = _tuples(value) if isinstance(value, list) else value
-
-
-def _tuples(value):
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def select_steps(checkpointer: checkpoint_lib.Checkpointer, which: str) -> list[int]:
-  steps = sorted(checkpointer.manager.all_steps())
-  if which == "all":
-    return steps
-  if which == "latest":
-    return steps[-1:]
-  if which == "best":
-    best = checkpointer.manager.best_step()
-    return [] if best is None else [best]
-  try:
-    wanted = [int(s) for s in which.split(",")]
-  except ValueError:
-    raise ConfigError(f"--checkpoints={which!r}; expected all, latest, best or steps such as "
-                      f"300,600") from None
-  missing = [s for s in wanted if s not in steps]
-  if missing:
-    raise ConfigError(f"--checkpoints={which!r}: no checkpoint at step {missing[0]}; the "
-                      f"workdir has steps {steps}")
-  return wanted
 
 
 class Evaluator:
@@ -149,11 +91,11 @@ def run_evaluator(workdir: str, *, checkpoints: str = "latest", split: str = "te
                   watch: bool = False, poll_seconds: float = 30.0,
                   overrides: list[str] = (), devices=None) -> list[dict]:
   workdir_path = pathlib.Path(workdir)
-  evaluator = Evaluator(load_run_config(workdir_path, list(overrides)), workdir_path, split,
+  evaluator = Evaluator(config_lib.load_run_config(workdir_path, list(overrides)), workdir_path, split,
                         devices)
   rows = []
   if not watch:
-    for step in select_steps(evaluator.checkpointer, checkpoints):
+    for step in checkpoint_lib.select_steps(evaluator.checkpointer, checkpoints):
       rows.append(evaluator.evaluate(step))
     print_table(rows, split)
     return rows

@@ -3,6 +3,16 @@
   python -m ftjax.main --config=configs/sentiment_minilm.py --workdir=/tmp/run \
       --config.model.name_or_path=/path/to/model
 
+Multi-process (several hosts, or several processes on one host), the same
+command on every process plus where process 0 listens:
+
+  python -m ftjax.main ... --coordinator_address=10.0.0.1:1234 --num_processes=2 \
+      --process_id=$RANK [--cpu_collectives=gloo]
+
+On SLURM (several tasks), Cloud TPU slices and mpirun the three flags come
+from the environment (`ftjax.distributed`); a plain one-process run
+initialises nothing.
+
 Errors in the user's input (bad config, missing files, a checkpoint that does
 not fit) print one line and exit with status 1.
 """
@@ -15,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ftjax import config as config_lib
-from ftjax import probe, train
+from ftjax import distributed, probe, train
 from ftjax.errors import FtjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,6 +38,19 @@ _MODE = flags.DEFINE_enum(
 _STOP_AT_STEP = flags.DEFINE_integer(
     "stop_at_step", None, "Stop (with a checkpoint) at this step; rerun the same command to "
     "continue. For queues with time limits.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process run (with "
+    "--num_processes and --process_id); on SLURM, Cloud TPU and mpirun read from the "
+    "environment.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index in [0, num_processes).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "Devices of this host this process uses (e.g. 0,1); default all.")
+_CPU_COLLECTIVES = flags.DEFINE_enum(
+    "cpu_collectives", None, list(distributed.CPU_COLLECTIVES),
+    "Cross-process collectives on CPU (multi-process CPU runs need one); default: JAX's.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -57,14 +80,32 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno > pylogging.INFO or not any(n in record.pathname for n in self._NOISY)
 
 
+def _local_device_ids(values: list[str] | None) -> list[int] | None:
+  if not values:
+    return None
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise FtjaxError(f"--local_device_ids={','.join(values)}; expected comma-separated "
+                     f"integers, e.g. 0,1") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
+    # Before anything touches a device: the backend is set up for the whole run.
+    setup = distributed.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        _local_device_ids(_LOCAL_DEVICE_IDS.value), cpu_collectives=_CPU_COLLECTIVES.value)
     config = config_lib.validate(_CONFIG.value)
-    logging.info("JAX process %d of %d, devices: %s", jax.process_index(),
-                 jax.process_count(), jax.devices())
+    logging.info("JAX process %d of %d (%s), local devices: %s; global devices: %d",
+                 jax.process_index(), jax.process_count(), setup.how, jax.local_devices(),
+                 jax.device_count())
+    if jax.process_index() > 0:
+      # Process 0 speaks for the run (progress, metrics); the others only warn.
+      logging.set_verbosity(logging.WARNING)
     if _MODE.value == "probe":
       probe.run(config, _WORKDIR.value)
     else:

@@ -17,3 +17,22 @@ def classification(predictions: np.ndarray, labels: np.ndarray, loss_sum: float,
       "f1": float(f1),
       "num_examples": int(len(labels)),
   }
+
+
+def language_model(sums: dict[str, np.ndarray], task_names: tuple[str, ...]) -> dict[str, float]:
+  """Token-level loss, perplexity and next-token accuracy over response tokens.
+
+  `sums` are summed over every eval batch: `loss_sum`, `correct`, `weight`
+  (response tokens), and per task `task_loss_sum`, `task_tokens`. With more
+  than one task, each also gets `<task>/loss` and `<task>/perplexity`.
+  """
+  tokens = max(float(sums["weight"]), 1.0)
+  loss = float(sums["loss_sum"]) / tokens
+  out = {"loss": loss, "perplexity": float(np.exp(loss)),
+         "accuracy": float(sums["correct"]) / tokens, "num_tokens": int(sums["weight"])}
+  if len(task_names) > 1:
+    for name, loss_sum, count in zip(task_names, sums["task_loss_sum"], sums["task_tokens"]):
+      task_loss = float(loss_sum) / max(float(count), 1.0)
+      out[f"{name}/loss"] = task_loss
+      out[f"{name}/perplexity"] = float(np.exp(task_loss))
+  return out

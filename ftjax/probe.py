@@ -19,7 +19,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Returns (and logs) the shapes of one forward pass and the parameter count."""
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
-  (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  if jax.process_index() == 0:
+    (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
   texts = sources.load_split(config.data, config.data.train_split)[:config.training.batch_size]
   texts = texts[config.data.text_column]

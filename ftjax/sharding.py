@@ -10,8 +10,9 @@ A dimension whose size the mesh axes do not divide (a 2-class classifier on a
 a rule never silently does nothing.
 """
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -103,5 +104,47 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
-  """This process's rows of a global batch -> global jax.Arrays (multi-host safe)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  """This process's rows of a global batch -> global jax.Arrays (multi-host safe).
+
+  Process p reads rows [p*b, (p+1)*b) of every global batch of P*b rows
+  (`ftjax.data.pipeline`); the batch sharding must give p's devices exactly
+  those rows (`check_process_rows`). The global shape is passed explicitly:
+  inferred, a batch replicated over processes would silently become a
+  different b-row batch on each process.
+  """
+  out = {}
+  for key, local in batch.items():
+    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    check_process_rows(sharding, global_shape[0])
+    out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+  return out
+
+
+@functools.lru_cache(maxsize=64)
+def check_process_rows(sharding: NamedSharding, num_rows: int,
+                       process_of: Callable[[jax.Device], int] | None = None) -> None:
+  """Raises unless each process's devices hold exactly its own rows of a batch.
+
+  True when the mesh's batch axes split the processes in order (the default
+  meshes, over `jax.devices()`, do); false when, say, a tensor axis spans
+  the processes and the batch is replicated over them, as each process would
+  need the rows another one reads. `process_of` (device -> process index)
+  lets a test pretend a single process is many.
+  """
+  process_of = process_of or (lambda device: device.process_index)
+  processes = sorted({process_of(d) for d in sharding.device_set})
+  if len(processes) == 1:
+    return
+  local = num_rows // len(processes)
+  needed: dict[int, set[int]] = {p: set() for p in processes}
+  for device, index in sharding.devices_indices_map((num_rows,)).items():
+    needed[process_of(device)].update(range(num_rows)[index[0]])
+  for p in processes:
+    own = set(range(p * local, (p + 1) * local))
+    if needed[p] != own:
+      rows = sorted(needed[p])
+      raise ConfigError(
+          f"mesh {dict(sharding.mesh.shape)} with batch spec {sharding.spec} gives process {p} "
+          f"{len(rows)} rows ({rows[0]}..{rows[-1]}) of each {num_rows}-row batch, but it reads "
+          f"rows {p * local}..{(p + 1) * local - 1}; split the batch over the processes (put the "
+          f"devices of different processes along mesh.data or mesh.fsdp)")

@@ -37,8 +37,9 @@ from flax import nnx
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import config as config_lib
 from ftjax import feature_cache
+from ftjax import generate as generate_lib
 from ftjax import logs, metrics, models, optim, sharding
-from ftjax.data import pipeline, sources
+from ftjax.data import instruct, pipeline, sources
 from ftjax.models import keymap
 from ftjax.errors import CheckpointError, FtjaxError
 from ftjax.peft import lora as lora_lib
@@ -56,8 +57,15 @@ class TrainState:
 
 
 def loss_and_metrics(model: models.Model, trainable, frozen, batch: Batch, *, rng=None,
-                     deterministic: bool, normalizer=None, frozen_encoder: bool = False):
-  """Weighted mean cross-entropy (sum / `normalizer`) and (correct, weight) sums.
+                     deterministic: bool, normalizer=None, frozen_encoder: bool = False,
+                     num_tasks: int = 1):
+  """Weighted cross-entropy sum / `normalizer`, summable counts, and the logits.
+
+  Returns `(loss, (sums, logits))`: `sums` holds `correct` and `weight` (and,
+  for a causal LM, per-task `task_loss_sum` and `task_tokens`), which add up
+  over micro-batches and eval batches. A classification batch is scored per
+  example (`weights`), a causal-LM batch per response token
+  (`target_weights`, the loss mask; see `ftjax.data.instruct`).
 
   A batch holds token ids, or, with cached features, the head's input. With
   `frozen_encoder` (head-only) the encoder runs in inference mode and only the
@@ -66,44 +74,62 @@ def loss_and_metrics(model: models.Model, trainable, frozen, batch: Batch, *, rn
   """
   params = partition.merge(trainable, frozen)
   rngs = None if rng is None else nnx.Rngs(dropout=rng)
-  if "features" in batch or frozen_encoder:
+  if model.config.task == "causal_lm":
+    logits = model.apply(params, batch["input_ids"], segment_ids_bt=batch["segment_ids"],
+                         positions_bt=batch["positions"], deterministic=deterministic,
+                         rngs=rngs).logits
+    labels, weights = batch["targets"], batch["target_weights"]
+  elif "features" in batch or frozen_encoder:
     features = batch["features"] if "features" in batch else model.apply(
         params, batch["input_ids"], batch["attention_mask"], method="features",
         **pipeline.token_types(batch))
     logits = model.apply(params, features, method="classify", deterministic=deterministic,
                          rngs=rngs)
+    labels, weights = batch["labels"], batch["weights"]
   else:
     logits = model.apply(params, batch["input_ids"], batch["attention_mask"],
                          deterministic=deterministic, rngs=rngs,
                          **pipeline.token_types(batch)).logits
+    labels, weights = batch["labels"], batch["weights"]
   logits = logits.astype(jnp.float32)
-  weights = batch["weights"]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights
   normalizer = weights.sum() if normalizer is None else normalizer
-  loss = (ce * weights).sum() / jnp.maximum(normalizer, 1.0)
-  correct = ((logits.argmax(-1) == batch["labels"]) * weights).sum()
-  return loss, (correct, weights.sum(), logits)
+  loss = ce.sum() / jnp.maximum(normalizer, 1.0)
+  sums = {"correct": ((logits.argmax(-1) == labels) * weights).sum(), "weight": weights.sum()}
+  if model.config.task == "causal_lm":
+    task_bt = jax.nn.one_hot(batch["task_ids"], num_tasks, dtype=jnp.float32)
+    sums["task_loss_sum"] = jnp.einsum("bl,blt->t", ce, task_bt)
+    sums["task_tokens"] = jnp.einsum("bl,blt->t", weights, task_bt)
+  return loss, (sums, logits)
+
+
+def _normalizer(batch: Batch) -> jax.Array:
+  """What the loss is averaged over: response tokens (causal LM) or examples."""
+  return (batch["target_weights"] if "target_weights" in batch else batch["weights"]).sum()
 
 
 def make_train_step(model: models.Model, optimizer: optax.GradientTransformation,
                     learning_rate: optax.Schedule, accumulation_steps: int, *,
-                    frozen_encoder: bool = False) -> Callable:
+                    frozen_encoder: bool = False, num_tasks: int = 1) -> Callable:
   """The pure step `train_step(state, batch, rng) -> (state, metrics)`.
 
   Only `state.trainable` is differentiated: JAX does no backward work for a
   frozen prefix and forms no gradients for frozen weights. With accumulation,
-  the global batch is scanned as micro-batches inside the step.
+  the global batch is scanned as micro-batches inside the step; the loss is
+  normalised by the whole batch's weight, so accumulation changes nothing
+  but memory.
   """
 
-  def grads_and_metrics(trainable, frozen, batch, rng):
+  def grads_and_sums(trainable, frozen, batch, rng):
     grad_fn = jax.value_and_grad(
         lambda t, b, r, n: loss_and_metrics(model, t, frozen, b, rng=r, deterministic=False,
-                                            normalizer=n, frozen_encoder=frozen_encoder),
+                                            normalizer=n, frozen_encoder=frozen_encoder,
+                                            num_tasks=num_tasks),
         has_aux=True)
-    total_weight = batch["weights"].sum()
+    total_weight = _normalizer(batch)
     if accumulation_steps == 1:
-      (loss, (correct, weight, _)), grads = grad_fn(trainable, batch, rng, total_weight)
-      return loss, correct, weight, grads
+      (loss, (sums, _)), grads = grad_fn(trainable, batch, rng, total_weight)
+      return loss, sums, grads
 
     # (B, ...) -> (accum, B / accum, ...) keeping each device's rows together.
     def to_micro(x):
@@ -114,22 +140,21 @@ def make_train_step(model: models.Model, optimizer: optax.GradientTransformation
 
     def body(carry, inputs):
       micro_batch, index = inputs
-      (loss, (correct, weight, _)), grads = grad_fn(
+      (loss, (sums, _)), grads = grad_fn(
           trainable, micro_batch, jax.random.fold_in(rng, index), total_weight)
-      acc_grads, acc_loss, acc_correct, acc_weight = carry
-      return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss, acc_correct + correct,
-              acc_weight + weight), None
+      return jax.tree.map(jnp.add, carry, (grads, loss, sums)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss, correct, weight), _ = jax.lax.scan(
-        body, init, (micro_batches, jnp.arange(accumulation_steps)))
-    return loss, correct, weight, grads
+    zero_sums = {"correct": jnp.zeros(()), "weight": jnp.zeros(())}
+    if model.config.task == "causal_lm":
+      zero_sums.update(task_loss_sum=jnp.zeros(num_tasks), task_tokens=jnp.zeros(num_tasks))
+    init = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros(()), zero_sums)
+    (grads, loss, sums), _ = jax.lax.scan(body, init,
+                                          (micro_batches, jnp.arange(accumulation_steps)))
+    return loss, sums, grads
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
-    loss, correct, weight, grads = grads_and_metrics(state.trainable, state.frozen, batch,
-                                                     step_rng)
+    loss, sums, grads = grads_and_sums(state.trainable, state.frozen, batch, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     grad_norm = optax.global_norm(grads)
@@ -140,21 +165,26 @@ def make_train_step(model: models.Model, optimizer: optax.GradientTransformation
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     step_metrics = {
         "loss": loss,
-        "accuracy": correct / jnp.maximum(weight, 1.0),
+        "accuracy": sums["correct"] / jnp.maximum(sums["weight"], 1.0),
         "learning_rate": learning_rate(state.step),
         "grad_norm": grad_norm,
         "update_norm": optax.global_norm(updates),
     }
+    if "task_tokens" in sums:
+      step_metrics.update(task_loss_sum=sums["task_loss_sum"], task_tokens=sums["task_tokens"])
     return new_state, step_metrics
 
   return train_step
 
 
-def make_eval_step(model: models.Model) -> Callable:
+def make_eval_step(model: models.Model, num_tasks: int = 1) -> Callable:
 
   def eval_step(trainable, frozen, batch: Batch):
-    loss_sum, (_, _, logits) = loss_and_metrics(model, trainable, frozen, batch,
-                                                deterministic=True, normalizer=1.0)
+    loss_sum, (sums, logits) = loss_and_metrics(model, trainable, frozen, batch,
+                                                deterministic=True, normalizer=1.0,
+                                                num_tasks=num_tasks)
+    if model.config.task == "causal_lm":
+      return {"loss_sum": loss_sum, **sums}
     return {"loss_sum": loss_sum, "predictions": logits.argmax(-1), "labels": batch["labels"],
             "weights": batch["weights"]}
 
@@ -177,8 +207,19 @@ class Run:
   optimizer: optax.GradientTransformation
   learning_rate: optax.Schedule
   pad_id: int
+  tokenizer: Any = None
+  # causal_lm: the mixture's batch plan (ftjax.data.instruct).
+  plan: Any = None
   # Split name -> (examples, embed) head inputs, when features are cached.
   features: dict[str, np.ndarray] | None = None
+
+  @property
+  def is_lm(self) -> bool:
+    return self.model.config.task == "causal_lm"
+
+  @property
+  def task_names(self) -> tuple[str, ...]:
+    return self.train_split.task_names if self.is_lm else ()
 
   def device_batch(self, split_name: str, batch: Mapping[str, np.ndarray]) -> dict:
     """A host batch of `split_name` -> global arrays on the mesh, as the steps take them."""
@@ -190,8 +231,10 @@ class Run:
     return sharding.put_batch(batch, sharding.batch_sharding(self.config, self.mesh))
 
 
-def _load_split(config, split_name, tokenizer, num_labels):
+def _load_split(config, split_name, tokenizer, num_labels, max_examples: int = 0):
   dataset = sources.load_split(config.data, split_name)
+  if max_examples:
+    dataset = dataset.select(range(min(max_examples, len(dataset))))
   return pipeline.tokenize_split(dataset, config.data, tokenizer, num_labels=num_labels)
 
 
@@ -208,6 +251,45 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
                      f"data-parallel size {dp} of mesh {dict(mesh.shape)}")
 
 
+def load_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """The pretrained model of `config.model` (with LoRA adapters when the strategy asks).
+
+  Parameters are created straight into their shardings on `mesh`. Returns
+  (model, params, paths the checkpoint lacked, tokenizer).
+  """
+  m = config.model
+  loaded = models.load_pretrained(
+      m.name_or_path, task=m.task, num_labels=m.num_labels, dtype=m.dtype, pooling=m.pooling,
+      allow_pickle=m.allow_pickle, seed=config.seed,
+      shardings=lambda model: sharding.param_shardings(config, mesh, model.abstract_params,
+                                                       model.param_axes))
+  model, params = loaded.model, loaded.params
+  if model.config.task not in ("classification", "causal_lm"):
+    raise FtjaxError(f"model.task={m.task!r}: training needs a head; set "
+                     f"--config.model.task=classification (or causal_lm for a decoder)")
+  tokenizer = models.load_tokenizer(m.name_or_path)
+  if config.strategy.name == "lora":
+    s = config.strategy.lora
+    spec = lora_lib.LoraSpec(rank=s.rank, alpha=s.alpha, dropout=s.dropout,
+                             targets=tuple(s.targets))
+    model, params = lora_lib.add_lora(model, params, spec, jax.random.key(config.seed + 1))
+    # The new adapters onto the mesh too (the base weights are there already).
+    params = jax.device_put(params, sharding.param_shardings(
+        config, mesh, model.abstract_params, model.param_axes))
+  return model, params, loaded.new_paths, tokenizer
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, trainable,
+                        mesh: jax.sharding.Mesh):
+  """Moments take their parameter's sharding; counters are replicated.
+
+  `trainable` may hold arrays or `jax.ShapeDtypeStruct`s with shardings.
+  """
+  return optax.tree_map_params(
+      optimizer, lambda _, param: param.sharding, jax.eval_shape(optimizer.init, trainable),
+      trainable, transform_non_params=lambda _: sharding.replicated(mesh))
+
+
 def setup(config: ml_collections.ConfigDict, devices=None,
           feature_cache_dir: pathlib.Path | None = None) -> Run:
   """Steps 1-4 of a run: mesh, model (loaded sharded), partition, data, state.
@@ -219,26 +301,13 @@ def setup(config: ml_collections.ConfigDict, devices=None,
   mesh = sharding.make_mesh(config, devices)
   _check_batch_sizes(config, mesh)
   if config.data.source == "files":  # Fail on a missing file before loading any model.
-    for split_name in (config.data.train_split, *config.eval.splits):
-      sources.split_file(config.data.path, split_name)
-  m = config.model
-  loaded = models.load_pretrained(
-      m.name_or_path, task=m.task, num_labels=m.num_labels, dtype=m.dtype, pooling=m.pooling,
-      allow_pickle=m.allow_pickle, seed=config.seed,
-      shardings=lambda model: sharding.param_shardings(config, mesh, model.abstract_params,
-                                                       model.param_axes))
-  model, params = loaded.model, loaded.params
-  if model.config.task != "classification":
-    raise FtjaxError(f"model.task={m.task!r}: training needs a classification head; "
-                     f"set --config.model.task=classification")
-  tokenizer = models.load_tokenizer(m.name_or_path)
-  if config.strategy.name == "lora":
-    s = config.strategy.lora
-    spec = lora_lib.LoraSpec(rank=s.rank, alpha=s.alpha, dropout=s.dropout,
-                             targets=tuple(s.targets))
-    model, params = lora_lib.add_lora(model, params, spec, jax.random.key(config.seed + 1))
-
-  new_paths = set(loaded.new_paths)
+    paths = ([path for _, path, _ in instruct.tasks(config.data)] if config.data.mixture
+             else [config.data.path])
+    for path in paths:
+      for split_name in (config.data.train_split, *config.eval.splits):
+        sources.split_file(path, split_name)
+  model, params, new_paths, tokenizer = load_model(config, mesh)
+  new_paths = set(new_paths)
   if config.init_from:
     params, restored, reinitialised = init_from(config.init_from, model, params)
     new_paths = (new_paths - set(restored)) | set(reinitialised)
@@ -249,33 +318,45 @@ def setup(config: ml_collections.ConfigDict, devices=None,
                                                num_layers=model.config.num_layers)
   path_labels = partition.labels(list(model.param_axes), rules)
 
-  num_labels = model.config.num_labels
-  train_split = _load_split(config, config.data.train_split, tokenizer, num_labels)
-  eval_splits = {name: _load_split(config, name, tokenizer, num_labels)
-                 for name in config.eval.splits}
-  buckets = pipeline.bucket_lengths(train_split.lengths, config.data)
-  steps = config_lib.resolve_steps(config, int(pipeline.steps_per_epoch(
-      train_split, global_batch_size=config.training.batch_size, buckets=buckets)))
+  plan = None
+  if model.config.task == "causal_lm":
+    train_split = instruct.load_split(config.data, config.data.train_split, tokenizer)
+    eval_splits = {name: instruct.load_split(config.data, name, tokenizer,
+                                             max_examples=config.eval.max_examples)
+                   for name in config.eval.splits}
+    buckets = ((config.data.max_length,) if config.data.packing
+               else pipeline.bucket_lengths(train_split.lengths, config.data))
+    plan = instruct.train_plan(train_split, config.data,
+                               global_batch_size=config.training.batch_size, buckets=buckets,
+                               seed=config.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    steps_per_epoch = plan.steps_per_epoch
+  else:
+    num_labels = model.config.num_labels
+    train_split = _load_split(config, config.data.train_split, tokenizer, num_labels)
+    eval_splits = {name: _load_split(config, name, tokenizer, num_labels,
+                                     config.eval.max_examples)
+                   for name in config.eval.splits}
+    buckets = pipeline.bucket_lengths(train_split.lengths, config.data)
+    steps_per_epoch = pipeline.steps_per_epoch(
+        train_split, global_batch_size=config.training.batch_size, buckets=buckets)
+  steps = config_lib.resolve_steps(config, int(steps_per_epoch))
 
-  param_shardings = sharding.param_shardings(config, mesh, model.abstract_params,
-                                             model.param_axes)
-  params = jax.device_put(params, param_shardings)  # a no-op but for LoRA's adapters
   trainable, frozen = partition.split(params, path_labels)
+  if not jax.tree.leaves(trainable):
+    raise FtjaxError(f"strategy.name={config.strategy.name!r} leaves no parameter of this "
+                     f"{model.config.model_type} {model.config.task} model trainable (e.g. a "
+                     f"causal LM has no classifier head); choose full, freeze or lora")
   learning_rate = optim.schedule(config, total_steps=steps.total, warmup_steps=steps.warmup)
   optimizer = optim.build(config, trainable, learning_rate)
-  # Moments take their parameter's sharding; counters are replicated.
-  opt_sharding = optax.tree_map_params(
-      optimizer, lambda _, param_sharding: param_sharding,
-      jax.eval_shape(optimizer.init, trainable),
-      jax.tree.map(lambda x: x.sharding, trainable),
-      transform_non_params=lambda _: sharding.replicated(mesh))
+  opt_sharding = opt_state_shardings(optimizer, trainable, mesh)
   opt_state = jax.jit(optimizer.init, out_shardings=opt_sharding)(trainable)
   step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
   state = TrainState(step=step, trainable=trainable, frozen=frozen, opt_state=opt_state)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   run = Run(config=config, model=model, train_split=train_split, eval_splits=eval_splits,
             buckets=buckets, steps=steps, mesh=mesh, initial_state=state, optimizer=optimizer,
-            learning_rate=learning_rate, pad_id=pad_id)
+            learning_rate=learning_rate, pad_id=pad_id, tokenizer=tokenizer, plan=plan)
   if config.strategy.cache_features:
     run.features = _cached_features(run, path_labels, feature_cache_dir)
   return run
@@ -356,10 +437,11 @@ def compile_steps(run: Run) -> tuple[Callable, Callable]:
   train_step = jax.jit(
       make_train_step(run.model, run.optimizer, run.learning_rate,
                       run.config.optimizer.accumulation_steps,
-                      frozen_encoder=run.config.strategy.name == "head_only"),
+                      frozen_encoder=run.config.strategy.name == "head_only",
+                      num_tasks=max(len(run.task_names), 1)),
       in_shardings=(state_sharding, batch_sharding, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(run.model),
+  eval_step = jax.jit(make_eval_step(run.model, max(len(run.task_names), 1)),
                       in_shardings=(state_sharding.trainable, state_sharding.frozen,
                                     batch_sharding), out_shardings=replicated)
   return train_step, eval_step
@@ -382,6 +464,8 @@ def evaluate(run: Run, state: TrainState, eval_step, split_name: str) -> dict[st
   Batches are dispatched back to back; results come to the host once, at
   the end (replicated outputs, so this is multi-host safe).
   """
+  if run.is_lm:
+    return _evaluate_lm(run, state, eval_step, split_name)
   outputs = []
   for batch in pipeline.eval_batches(run.eval_splits[split_name],
                                      global_batch_size=run.config.eval.batch_size,
@@ -394,6 +478,62 @@ def evaluate(run: Run, state: TrainState, eval_step, split_name: str) -> dict[st
   labels = np.concatenate([o["labels"] for o in outputs])[real]
   loss_sum = float(sum(o["loss_sum"] for o in outputs))
   return metrics.classification(predictions, labels, loss_sum, run.model.config.num_labels)
+
+
+def _evaluate_lm(run: Run, state: TrainState, eval_step, split_name: str) -> dict[str, float]:
+  """Response-token loss / perplexity / accuracy of a split, overall and per task."""
+  outputs = [eval_step(state.trainable, state.frozen, run.device_batch(split_name, batch))
+             for batch in instruct.eval_batches(
+                 run.eval_splits[split_name], global_batch_size=run.config.eval.batch_size,
+                 buckets=run.buckets, process_index=jax.process_index(),
+                 process_count=jax.process_count())]
+  outputs = jax.device_get(outputs)
+  sums = {key: np.sum([o[key] for o in outputs], axis=0) for key in outputs[0]}
+  return metrics.language_model(sums, run.task_names)
+
+
+def generation_eval(run: Run, state: TrainState, split_name: str,
+                    step: int) -> tuple[dict[str, float], list[dict]]:
+  """Greedy answers to the first `eval.generate_examples` prompts of each task.
+
+  Exact match compares the final answers (`eval.answer_regex`, e.g. GSM8K's
+  "#### 72") of prediction and reference. Prompts are left-padded to one
+  length and batched by `eval.batch_size`, so every evaluation reuses one
+  compiled generation program. Returns the metrics and one record per
+  generated example (prompt, reference, prediction, match).
+  """
+  c = run.config.eval
+  split = run.eval_splits[split_name]
+  params = partition.merge(state.trainable, state.frozen)
+  eos = run.tokenizer.eos_token_id
+  chosen = [i for t in range(len(split.task_names))
+            for i in split.task_members(t)[:c.generate_examples]]
+  prompts = [split.input_ids[i][:split.prompt_lengths[i]] for i in chosen]
+  width = max(len(p) for p in prompts)
+  ids_bt = np.full((len(prompts), width), run.pad_id, np.int32)
+  mask_bt = np.zeros((len(prompts), width), np.int32)
+  for r, prompt in enumerate(prompts):
+    ids_bt[r, width - len(prompt):], mask_bt[r, width - len(prompt):] = prompt, 1
+  predictions = []
+  for start in range(0, len(prompts), c.batch_size):
+    rows = np.arange(start, start + c.batch_size) % len(prompts)  # fill the last batch
+    out = generate_lib.generate(run.model, params, ids_bt[rows], attention_mask=mask_bt[rows],
+                                max_new_tokens=c.max_new_tokens, eos_token_id=eos,
+                                pad_token_id=run.pad_id)
+    predictions += [run.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+  records, per_task = [], {name: [] for name in split.task_names}
+  for i, prediction in zip(chosen, predictions):
+    task = split.task_names[split.task_ids[i]]
+    match = (instruct.extract_answer(prediction, c.answer_regex)
+             == instruct.extract_answer(split.references[i], c.answer_regex))
+    per_task[task].append(match)
+    records.append({"step": step, "split": split_name, "task": task,
+                    "prompt": split.prompts[i], "reference": split.references[i],
+                    "prediction": prediction, "exact_match": bool(match)})
+  results = {"exact_match": float(np.mean([r["exact_match"] for r in records]))}
+  if len(split.task_names) > 1:
+    results.update({f"{task}/exact_match": float(np.mean(v)) for task, v in per_task.items()})
+  return results, records
 
 
 def _fingerprint(batch: Mapping[str, np.ndarray]) -> int:
@@ -471,10 +611,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = checkpoint_lib.Checkpointer(workdir_path, config)
   tracker, last_eval = _Tracker(config), {}
   start = checkpointer.latest_step()
-  iterator = pipeline.train_iterator(
-      run.train_split, global_batch_size=config.training.batch_size, buckets=run.buckets,
-      seed=config.seed, num_epochs=math.ceil(steps.total / steps.steps_per_epoch),
-      process_index=jax.process_index(), process_count=jax.process_count(), pad_id=run.pad_id)
+  if run.is_lm:
+    iterator = instruct.train_iterator(run.plan, num_steps=steps.total, data_config=config.data)
+  else:
+    iterator = pipeline.train_iterator(
+        run.train_split, global_batch_size=config.training.batch_size, buckets=run.buckets,
+        seed=config.seed, num_epochs=math.ceil(steps.total / steps.steps_per_epoch),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        pad_id=run.pad_id)
   if start is not None:
     # Resume order: (1) check the checkpoint belongs to this config; (2) the
     # trainable params, optimizer state and step from the latest complete
@@ -511,10 +655,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              "opt_state": state.opt_state}, meta, metrics=eval_results)
 
   def run_evals(step: int) -> dict:
-    results = {f"{name}/{key}": value for name in config.eval.splits
-               for key, value in evaluate(run, state, eval_step, name).items()}
+    results = {}
+    for name in config.eval.splits:
+      split_results = evaluate(run, state, eval_step, name)
+      if config.eval.generate_examples:
+        generated, records = _generate_and_record(run, state, name, step, workdir_path)
+        split_results.update(generated)
+      results.update({f"{name}/{key}": value for key, value in split_results.items()})
     writer.write(step, results)
     return results
+
+  if start is None and config.eval.at_start and config.eval.splits:
+    last_eval = run_evals(0)
+    logging.info("Before training: %s", _brief(last_eval))
 
   window: list[dict] = []
   pending = None  # (step, metrics) of the step in flight: read one step late
@@ -546,7 +699,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       pending = None
       if log_now:
         elapsed = time.perf_counter() - window_start
-        row = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
+        row = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]
+               if np.ndim(window[0][k]) == 0}
+        if run.is_lm and len(run.task_names) > 1:
+          loss_sums = np.sum([m["task_loss_sum"] for m in window], axis=0)
+          tokens = np.sum([m["task_tokens"] for m in window], axis=0)
+          for task, loss_sum, count in zip(run.task_names, loss_sums, tokens):
+            row[f"train/{task}/tokens"] = float(count)
+            if count:
+              row[f"train/{task}/loss"] = float(loss_sum / count)
         row["train/data_fingerprint"] = _fingerprint(batch)
         row["train/examples_per_second"] = window_examples / elapsed
         row["train/seconds_per_step"] = elapsed / len(window)
@@ -588,9 +749,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return last_eval
 
 
+def _brief(results: Mapping[str, float]) -> str:
+  return ", ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float))
+
+
+def _generate_and_record(run: Run, state: TrainState, split_name: str, step: int,
+                         workdir: pathlib.Path) -> tuple[dict[str, float], list[dict]]:
+  """`generation_eval`, with samples in the log and appended to workdir/samples.jsonl."""
+  if jax.process_count() > 1:
+    logging.warning("eval.generate_examples: generation-based evaluation runs in "
+                    "single-process runs only; skipped")
+    return {}, []
+  results, records = generation_eval(run, state, split_name, step)
+  # Round-robin over tasks, so every task shows up among the first samples.
+  seen: dict[str, int] = {}
+  ranked = sorted(records, key=lambda r: (seen.setdefault(r["task"] + str(id(r)), len(
+      [k for k in seen if k.startswith(r["task"])])), r["task"]))
+  shown = ranked[:run.config.eval.num_samples]
+  for record in shown:
+    logging.info("sample (step %d, %s, %s): %r -> %r (reference %r)", step, split_name,
+                 record["task"], record["prompt"][-200:], record["prediction"][:300],
+                 record["reference"][:300])
+  with open(workdir / "samples.jsonl", "a", encoding="utf-8") as f:
+    f.writelines(json.dumps(record) + "\n" for record in shown)
+  return results, records
+
+
 def _host_metrics(step: int, step_metrics: dict) -> dict:
   """One device->host transfer of a step's metrics; stops on a non-finite loss."""
-  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  values = {k: float(v) if np.ndim(v) == 0 else np.asarray(v)
+            for k, v in jax.device_get(step_metrics).items()}
   if not math.isfinite(values["loss"]) or not math.isfinite(values["grad_norm"]):
     raise FtjaxError(
         f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}; training "

@@ -131,3 +131,36 @@ def test_missing_gguf_file_is_one_line(tmp_path):
                models.config_from_pretrained, models.load_tokenizer):
     with pytest.raises(CheckpointError, match=r"GGUF file '.*nope.gguf' does not exist$"):
       load(str(tmp_path / "nope.gguf"))
+
+
+def test_lora_adapter_exports_to_peft_on_the_real_model(smollm_path, ftjax_smollm, prompts,
+                                                        tmp_path):
+  """A LoRA adapter on SmolLM2 (B random, as after training) loads in PyTorch PEFT on
+  transformers' own GGUF loading of the same file, and computes ftjax's logits."""
+  import peft  # pylint: disable=g-import-not-at-top
+  from ftjax.models import keymap  # pylint: disable=g-import-not-at-top
+  from ftjax.peft import hf_adapter, lora  # pylint: disable=g-import-not-at-top
+  model, params = ftjax_smollm
+  lora_model, lora_params = lora.add_lora(model, params, lora.LoraSpec(rank=8, alpha=16.0),
+                                          jax.random.key(0))
+  flat = dict(keymap.flatten(lora_params))
+  rng = np.random.default_rng(0)
+  for path in lora.lora_paths(lora_params):
+    if path.endswith("lora_b"):
+      flat[path] = rng.normal(0, 0.02, flat[path].shape).astype(np.float32)
+  lora_params = keymap.unflatten(flat, lora_model.abstract_params)
+  hf_adapter.save_adapter(lora_model, lora_params, tmp_path, base_model_name_or_path="smollm2")
+  input_ids, attention_mask = generate_lib.left_pad(prompts[:2], pad_token_id=2)
+  positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+  ours = np.asarray(jax.jit(lora_model.apply)(lora_params, input_ids, attention_mask).logits)
+  base = np.asarray(jax.jit(model.apply)(params, input_ids, attention_mask).logits)
+  torch_base = transformers.AutoModelForCausalLM.from_pretrained(
+      str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32)
+  adapted = peft.PeftModel.from_pretrained(torch_base, str(tmp_path)).eval()
+  with torch.no_grad():
+    theirs = adapted(input_ids=torch.tensor(input_ids, dtype=torch.long),
+                     attention_mask=torch.tensor(attention_mask),
+                     position_ids=torch.tensor(positions)).logits.numpy()
+  real = attention_mask.astype(bool)
+  assert np.abs(ours[real] - base[real]).max() > 0.1  # the adapter changes the model
+  assert np.abs(ours[real] - theirs[real]).max() < LOGITS_TOL

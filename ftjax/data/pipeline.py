@@ -193,11 +193,9 @@ def steps_per_epoch(split: TokenizedSplit, *, global_batch_size: int,
   return num_batches
 
 
-def _epoch_plan(bucket_of: np.ndarray, num_buckets: int, global_batch_size: int, seed: int,
-                epoch: int) -> list[tuple[int, np.ndarray]]:
-  """The epoch's global batches as (bucket index, example indices), in order."""
-  rng = np.random.default_rng([seed, epoch])
-  order = rng.permutation(len(bucket_of))
+def _bucket_plan(order: np.ndarray, bucket_of: np.ndarray, num_buckets: int,
+                 global_batch_size: int) -> list[tuple[int, np.ndarray]]:
+  """Examples in `order` cut into global batches per bucket (step 2 above)."""
   plan = []
   carry = np.empty(0, np.int64)
   for bucket in range(num_buckets):
@@ -206,6 +204,15 @@ def _epoch_plan(bucket_of: np.ndarray, num_buckets: int, global_batch_size: int,
     for k in range(num_full):
       plan.append((bucket, pool[k * global_batch_size:(k + 1) * global_batch_size]))
     carry = pool[num_full * global_batch_size:]
+  return plan
+
+
+def _epoch_plan(bucket_of: np.ndarray, num_buckets: int, global_batch_size: int, seed: int,
+                epoch: int) -> list[tuple[int, np.ndarray]]:
+  """The epoch's global batches as (bucket index, example indices), in order."""
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(bucket_of))
+  plan = _bucket_plan(order, bucket_of, num_buckets, global_batch_size)
   return [plan[j] for j in rng.permutation(len(plan))]
 
 
@@ -352,7 +359,14 @@ def eval_batches(split: TokenizedSplit, *, global_batch_size: int, buckets: tupl
   can turn a softmax into NaN, and NaN * 0 is still NaN.
   """
   rows = _local_rows(global_batch_size, process_index, process_count)
-  bucket_of = _bucket_of(split.lengths, tuple(buckets))
+  for length, examples, weights in eval_plan(split.lengths, global_batch_size, buckets):
+    yield _make_batch(split, examples[rows], length, pad_id, weights[rows])
+
+
+def eval_plan(lengths: np.ndarray, global_batch_size: int,
+              buckets: Sequence[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+  """(padded length, example ids, weights) of every global eval batch, filler rows weighing 0."""
+  bucket_of = _bucket_of(lengths, tuple(buckets))
   for bucket, length in enumerate(buckets):
     members = np.flatnonzero(bucket_of == bucket)
     for start in range(0, len(members), global_batch_size):
@@ -360,5 +374,4 @@ def eval_batches(split: TokenizedSplit, *, global_batch_size: int, buckets: tupl
       weights = np.zeros(global_batch_size, np.float32)
       weights[:len(examples)] = 1
       filler = np.full(global_batch_size - len(examples), examples[0])
-      examples = np.concatenate([examples, filler])
-      yield _make_batch(split, examples[rows], length, pad_id, weights[rows])
+      yield length, np.concatenate([examples, filler]), weights

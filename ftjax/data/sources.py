@@ -77,6 +77,35 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> datasets.D
   return dataset
 
 
+def load_records(path: str, split: str,
+                 data_config: ml_collections.ConfigDict) -> datasets.Dataset:
+  """A split of instruction records (one task's `path`) with its columns checked.
+
+  `path` is a local folder or file ("files"), or a hub dataset id ("hf").
+  Records need the output column and the instruction or the input column.
+  """
+  source = data_config.source
+  if source == "files":
+    dataset = _load_files(path, split)
+  elif source == "hf":
+    dataset = _load_hub(path or data_config.name, split)
+  else:
+    raise ConfigError(f"data.source is {source!r}; instruction data (model.task='causal_lm') "
+                      f"is read from 'files' or 'hf'")
+  where = f"{source} split {split!r} of {path or data_config.name!r}"
+  columns = dataset.column_names
+  if data_config.output_column not in columns:
+    raise ConfigError(f"data.output_column {data_config.output_column!r} is not a column of "
+                      f"the {where}; available columns: {', '.join(columns)}")
+  if not {data_config.instruction_column, data_config.input_column} & set(columns):
+    raise ConfigError(f"the {where} has neither data.instruction_column "
+                      f"{data_config.instruction_column!r} nor data.input_column "
+                      f"{data_config.input_column!r}; available columns: {', '.join(columns)}")
+  if len(dataset) == 0:
+    raise ConfigError(f"the {where} is empty; expected at least one example")
+  return dataset
+
+
 def required_columns(data_config: ml_collections.ConfigDict) -> list[str]:
   """The columns ftjax reads: text, text pair (when set), label."""
   names = [data_config.text_column, data_config.text_pair_column, data_config.label_column]

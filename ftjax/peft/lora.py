@@ -43,6 +43,15 @@ from ftjax.models.pretrained import Model, Params
 # replicated unless told otherwise (it is tiny).
 LORA_AXIS = "lora"
 _ADAPTER_LEAVES = ("lora_a", "lora_b")
+# The target "all-linear" (PEFT's name): every projection inside the layers,
+# not the embeddings or task heads.
+ALL_LINEAR = "all-linear"
+_ALL_LINEAR_REGEX = r"(encoder|decoder)/layers/\d+/.*"
+
+
+def target_regex(target: str) -> str:
+  """The module-path regex a LoRA target stands for."""
+  return _ALL_LINEAR_REGEX if target == ALL_LINEAR else target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +59,9 @@ class LoraSpec:
   """Which dense layers get adapters, and their shape.
 
   `targets` are regexes matched with `re.fullmatch` against module paths
-  such as `encoder/layers/3/attention/query`; every regex must match at
-  least one dense layer, so a typo fails loudly instead of training nothing.
+  such as `encoder/layers/3/attention/query` (or "all-linear": every
+  projection in the layers); every regex must match at least one dense
+  layer, so a typo fails loudly instead of training nothing.
   """
 
   rank: int
@@ -85,7 +95,7 @@ def _validate(spec: LoraSpec) -> None:
     raise ConfigError("LoRA targets are empty; expected at least one module-path regex")
   for target in spec.targets:
     try:
-      re.compile(target)
+      re.compile(target_regex(target))
     except re.error as e:
       raise ConfigError(f"LoRA target {target!r} is not a valid regex: {e}") from None
 
@@ -165,7 +175,7 @@ def inject(module: nnx.Module, spec: LoraSpec, *, rngs: nnx.Rngs) -> None:
   is built (under `nnx.eval_shape`, or inside a jitted init), so it must not
   look at parameter values.
   """
-  patterns = [re.compile(t) for t in spec.targets]  # Validated by LoraSpec.
+  patterns = [re.compile(target_regex(t)) for t in spec.targets]  # Validated by LoraSpec.
   dense_paths = [(path, m) for path, m in nnx.iter_modules(module)
                  if isinstance(m, layers.Dense)]
   names = {path: "/".join(map(str, path)) for path, _ in dense_paths}
