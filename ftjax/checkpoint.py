@@ -13,7 +13,10 @@ temporary folder and renames it when complete, so a crash mid-save never
 leaves a checkpoint that looks finished.
 """
 
+import contextlib
+import os
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -22,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from ftjax.errors import ConfigError
+from ftjax.errors import CheckpointError, ConfigError
 
 
 class Checkpointer:
@@ -49,10 +52,15 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
-    """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON)."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)),
-                      metrics=metrics)
+    """Starts an async save of `state` (a pytree of arrays) and `meta` (JSON).
+
+    A failed write (a full disk), of this save or of the previous one still
+    finishing in the background, raises a one-line `CheckpointError`.
+    """
+    with self._write_errors():
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)),
+                        metrics=metrics)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores onto `abstract_state`'s shapes and shardings (any mesh)."""
@@ -64,10 +72,36 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._write_errors():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _write_errors(self):
+    """OS errors of a save -> one line. Orbax renames a checkpoint into place only
+    once complete, so the ones already saved are intact."""
+    try:
+      yield
+    except (OSError, ValueError) as e:
+      reason = _os_error(e)
+      if reason is None:
+        raise
+      raise CheckpointError(
+          f"could not write a checkpoint under {self.directory} ({reason}); expected a "
+          f"writable folder with free space. The saved checkpoints "
+          f"{sorted(self.manager.all_steps())} are intact: free space and rerun the same "
+          f"command to resume") from None
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _os_error(error: Exception) -> str | None:
+  """What the OS said ("No space left on device"), or None for errors that are bugs."""
+  if isinstance(error, OSError):
+    return error.strerror or str(error)
+  # TensorStore reports a failed write as ValueError("... [os_error_code='28']").
+  match = re.search(r"os_error_code='?(\d+)", str(error))
+  return os.strerror(int(match.group(1))) if match else None
 
 
 def abstract(tree: Any) -> Any:

@@ -370,7 +370,9 @@ def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> St
   else:
     warmup = 0
   if warmup >= total:
-    raise ConfigError(f"warmup of {warmup} steps is not shorter than training ({total} steps)")
+    # Only warmup_steps can get here: validate keeps warmup_fraction below 1.
+    raise ConfigError(f"optimizer.warmup_steps={warmup} but training has {total} steps; "
+                      f"expected fewer warmup steps than training steps")
   eval_every = config.eval.every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint.every_steps or eval_every
   return Steps(total, warmup, eval_every, checkpoint_every, steps_per_epoch)

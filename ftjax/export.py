@@ -29,14 +29,7 @@ from ftjax.models import keymap
 from ftjax.peft import hf_adapter
 from ftjax.peft import lora as lora_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-_OUT = flags.DEFINE_string("out", None, "Folder to write the export to.")
-_FORMAT = flags.DEFINE_enum("format", "merged", ["merged", "peft"],
-                            "merged: a Hugging Face checkpoint; peft: a PEFT LoRA adapter.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest | best | a step number.")
-_SET = flags.DEFINE_multi_string("set", [], "key=value changes to the run's config "
-                                 "(e.g. model.name_or_path=/moved/base).")
-flags.mark_flags_as_required(["workdir", "out"])
+
 
 
 def _step(workdir: pathlib.Path, config, which: str) -> int:
@@ -91,16 +84,31 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str = "
   return out
 
 
+def _define_flags() -> None:
+  """Flags only when run as a program: importing the library defines none (no clash with
+  ftjax.evaluate's --workdir in one process)."""
+  flags.DEFINE_string("workdir", None, "The training run's workdir.")
+  flags.DEFINE_string("out", None, "Folder to write the export to.")
+  flags.DEFINE_enum("format", "merged", ["merged", "peft"],
+                    "merged: a Hugging Face checkpoint; peft: a PEFT LoRA adapter.")
+  flags.DEFINE_string("checkpoint", "latest", "latest | best | a step number.")
+  flags.DEFINE_multi_string("set", [], "key=value changes to the run's config "
+                            "(e.g. model.name_or_path=/moved/base).")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
   try:
-    out = export(_WORKDIR.value, _OUT.value, fmt=_FORMAT.value, which=_CHECKPOINT.value,
-                 overrides=tuple(_SET.value))
+    out = export(f.workdir, f.out, fmt=f["format"].value, which=f.checkpoint,
+                 overrides=tuple(f.set))
   except FtjaxError as e:
     sys.exit(f"ftjax: error: {e}")
   print(out)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

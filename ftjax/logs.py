@@ -1,6 +1,7 @@
 """Metrics to `workdir/metrics.jsonl` and TensorBoard, from process 0 only."""
 
 import json
+import os
 import pathlib
 
 import jax
@@ -20,8 +21,10 @@ class MetricWriter:
       workdir = pathlib.Path(workdir)
       if resume_step is not None:
         kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept),
-                                               encoding="utf-8")
+        # Rewritten beside and renamed over: a kill here never loses the history.
+        tmp = workdir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, workdir / "metrics.jsonl")
       self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # pylint: disable=consider-using-with
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(
@@ -59,4 +62,17 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+  rows = []
+  lines = path.read_text(encoding="utf-8").splitlines()
+  for i, line in enumerate(lines):
+    if not line:
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+      # A process killed mid-write can leave a torn last line; its step is
+      # replayed after the resume anyway.
+      logging.warning("ignoring an incomplete last line of %s", path)
+  return rows

