@@ -20,6 +20,7 @@ from ftjax.errors import ConfigError
 
 TASKS = ("encoder", "classification", "decoder", "causal_lm")
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 POOLINGS = ("pooler", "cls", "mean")
 SOURCES = ("files", "hf", "tfds")
 STRATEGIES = ("full", "freeze", "head_only", "lora")
@@ -45,8 +46,18 @@ def default_config() -> ml_collections.ConfigDict:
   # BERT's pooler, RoBERTa's/DistilBERT's dense over the first token), "cls"
   # (the first token's hidden state) or "mean" (mean over non-padding tokens).
   c.model.pooling = "pooler"
-  # Compute dtype; parameters stay float32.
+  # Compute dtype; parameters (the master weights) and optimizer state stay
+  # float32 whatever it is: "bfloat16" is mixed precision.
   c.model.dtype = "float32"
+  # Rematerialisation of each layer in the backward pass: "none", "full"
+  # (recompute the whole layer; least memory), "dots_saveable" (keep matmul
+  # outputs, recompute the elementwise work) or
+  # "dots_with_no_batch_dims_saveable" (keep the weight matmuls' outputs only).
+  c.model.remat = "none"
+  # Run runs of alike layers as one jax.lax.scan (one layer compiled instead
+  # of L; frozen and trainable layers scan separately). Same results and
+  # checkpoints either way.
+  c.model.scan_layers = False
   # pytorch_model.bin is a pickle (it can run code when loaded): refused unless True.
   c.model.allow_pickle = False
 
@@ -170,6 +181,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Logical axis name -> mesh axis (or axes); unlisted names are replicated.
   c.mesh.rules = (
       ("batch", ("data", "fsdp")),
+      # The (batch, length, embed) hidden state between layers.
+      ("activation_batch", ("data", "fsdp")),
       ("embed", "fsdp"),
       ("vocab", "tensor"),
       ("heads", "tensor"),
@@ -244,6 +257,8 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   require(c.model.task in TASKS, "model.task", c.model.task, f"one of {TASKS}")
   require(c.model.pooling in POOLINGS, "model.pooling", c.model.pooling, f"one of {POOLINGS}")
   require(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, f"one of {DTYPES}")
+  require(c.model.remat in REMAT_CHOICES, "model.remat", c.model.remat,
+          f"one of {REMAT_CHOICES}")
   require(c.model.num_labels is None or c.model.num_labels >= 1, "model.num_labels",
           c.model.num_labels, "a positive number of classes")
   require(c.data.source in SOURCES, "data.source", c.data.source, f"one of {SOURCES}")

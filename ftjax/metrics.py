@@ -1,12 +1,14 @@
 """Evaluation metrics: loss, accuracy and macro precision / recall / F1 (scikit-learn)."""
 
 import numpy as np
-from sklearn import metrics as skm
 
 
 def classification(predictions: np.ndarray, labels: np.ndarray, loss_sum: float,
                    num_labels: int) -> dict[str, float]:
   """Metrics over every evaluated example (padding rows already removed)."""
+  # Imported here: scikit-learn takes 1.5 s to import, and every process that
+  # imports ftjax.train (each restart, each evaluation) would pay it.
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   precision, recall, f1, _ = skm.precision_recall_fscore_support(
       labels, predictions, labels=np.arange(num_labels), average="macro", zero_division=0)
   return {

@@ -95,6 +95,26 @@ def batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedShardi
   return NamedSharding(mesh, PartitionSpec(axes or None))
 
 
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def activation_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedSharding:
+  """The (batch, length, embed) hidden state's sharding at layer boundaries, from the rules.
+
+  The default rules split the batch like the input batch and replicate the
+  rest (the layout data parallel, FSDP and Megatron-style tensor parallelism
+  all want between layers); a rule for `activation_length` gives sequence
+  parallelism.
+  """
+  rules = _rules(config)
+  spec, used = [], set()
+  for logical in ACTIVATION_AXES:
+    axes = tuple(a for a in rules.get(logical, ()) if mesh.shape[a] > 1 and a not in used)
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
 def data_parallel_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in _rules(config).get("batch", ()))
 

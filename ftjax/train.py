@@ -42,7 +42,7 @@ from ftjax import feature_cache
 from ftjax import generate as generate_lib
 from ftjax import logs, metrics, models, optim, sharding
 from ftjax.data import instruct, pipeline, sources
-from ftjax.models import keymap
+from ftjax.models import keymap, layers
 from ftjax.errors import CheckpointError, FtjaxError
 from ftjax.peft import lora as lora_lib
 from ftjax.peft import partition
@@ -281,6 +281,16 @@ def load_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   return model, params, loaded.new_paths, tokenizer
 
 
+def execution(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+              path_labels: Mapping[str, str]) -> layers.Execution:
+  """How the model runs its layers in this run: `config.model.remat`/`scan_layers`, and
+  the activation sharding of the mesh's rules at every layer boundary."""
+  return layers.Execution(
+      remat=config.model.remat,
+      scan_groups=partition.layer_groups(path_labels) if config.model.scan_layers else (),
+      activation_sharding=sharding.activation_sharding(config, mesh))
+
+
 def opt_state_shardings(optimizer: optax.GradientTransformation, trainable,
                         mesh: jax.sharding.Mesh):
   """Moments take their parameter's sharding; counters are replicated.
@@ -320,6 +330,7 @@ def setup(config: ml_collections.ConfigDict, devices=None,
   rules = new_rules + partition.strategy_rules(config.strategy,
                                                num_layers=model.config.num_layers)
   path_labels = partition.labels(list(model.param_axes), rules)
+  model = model.with_execution(execution(config, mesh, path_labels))
 
   plan = None
   if model.config.task == "causal_lm":

@@ -4,10 +4,18 @@ XLA_FLAGS must be set before JAX is imported anywhere.
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# One persistent XLA compilation cache for the session, shared by the xdist
+# workers (they inherit the controller's environment) and by the processes
+# tests start: the same small programs are compiled by many tests and by
+# every restart of a killed run. Keyed by XLA on the program and the devices.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ftjax-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position

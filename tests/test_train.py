@@ -132,9 +132,8 @@ def one_device_losses(tiny_dirs, tmp_path_factory):
 
 
 # Pure data parallel (data=8) is the reference of tests/test_parallelism.py, which
-# compares tensor and FSDP meshes with it; here two mixed meshes against 1 device.
-@pytest.mark.parametrize("mesh", [{"mesh.data": 4, "mesh.tensor": 2},
-                                  {"mesh.data": 2, "mesh.fsdp": 4}], ids=str)
+# compares tensor and FSDP meshes with it; here data x FSDP x tensor against 1 device.
+@pytest.mark.parametrize("mesh", [{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}], ids=str)
 def test_sharded_run_equals_one_device_and_is_really_sharded(tiny_dirs, tmp_path, mesh,
                                                              one_device_losses):
   model_dir, data_path, _ = tiny_dirs
@@ -157,8 +156,9 @@ def test_sharded_run_equals_one_device_and_is_really_sharded(tiny_dirs, tmp_path
   # Optimizer moments live where their parameters live.
   mu = state.opt_state[1][0].mu["encoder"]["layers"][0]["mlp"]["up"]["kernel"]
   assert mu.sharding == up.sharding
-  if fsdp:  # each device holds a quarter of the embedding table
-    assert word.addressable_shards[0].data.shape == (30522, 32 // 4)
+  # Each device holds 1/(tensor x fsdp) of the embedding table.
+  assert word.addressable_shards[0].data.shape == (30522 // mesh.get("mesh.tensor", 1),
+                                                   32 // mesh.get("mesh.fsdp", 1))
 
 
 def test_resume_continues_exactly(tiny_dirs, tmp_path):

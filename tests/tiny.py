@@ -94,7 +94,8 @@ def make_tokenizer(folder: pathlib.Path, data_dir: pathlib.Path, vocab_size: int
 
 
 def make_decoder(folder: pathlib.Path, tokenizer_dir: pathlib.Path, *, model_type: str = "llama",
-                 num_layers: int = 2, hidden_size: int = 32, seed: int = 0) -> pathlib.Path:
+                 num_layers: int = 2, hidden_size: int = 32, seed: int = 0,
+                 hf_overrides: dict | None = None) -> pathlib.Path:
   """A random tiny causal LM of `model_type` with the tokenizer of `tokenizer_dir`."""
   tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
   common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -106,7 +107,7 @@ def make_decoder(folder: pathlib.Path, tokenizer_dir: pathlib.Path, *, model_typ
     config = transformers.AutoConfig.for_model(
         model_type, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=512,
-        tie_word_embeddings=True, **common)
+        tie_word_embeddings=True, **common, **(hf_overrides or {}))
   torch.manual_seed(seed)
   transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
   tok.save_pretrained(folder)

@@ -261,16 +261,33 @@ class DecoderModel(nnx.Module):
     x_bte = self.embed(input_ids_bt, ctx.positions_bt, **kw)
     extra = self.layer_inputs(ctx.positions_bt)
     masks = {}
-    hidden_states, keys, values = [x_bte], [], []
-    for i, layer in enumerate(self.decoder.layers):
-      window = cfg.window(i)
+
+    def mask(window):
       if window not in masks:
         masks[window] = ctx.mask(window)
-      cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-      x_bte, (k, v) = layer(x_bte, masks[window], extra, cache_kv, ctx, **kw)
-      hidden_states.append(x_bte)
-      keys.append(k)
-      values.append(v)
+      return masks[window]
+
+    embedded_bte = x_bte
+    if cache is None:
+      def run_layer(layer, x_bte, layer_rngs, window):
+        x_bte, _ = layer(x_bte, mask(window), extra, None, ctx, deterministic=deterministic,
+                         rngs=layer_rngs)
+        return x_bte, x_bte
+
+      x_bte, outputs = layers.run_layers(self.decoder.layers, x_bte, run_layer,
+                                         execution=cfg.execution, rngs=rngs,
+                                         static_key=cfg.window)
+      keys = values = None
+    else:
+      # Decoding: a plain loop (nothing to differentiate; each layer updates its cache).
+      outputs, keys, values = [], [], []
+      for i, layer in enumerate(self.decoder.layers):
+        x_bte, (k, v) = layer(x_bte, mask(cfg.window(i)), extra, (cache.k[i], cache.v[i]), ctx,
+                              **kw)
+        outputs.append(x_bte)
+        keys.append(k)
+        values.append(v)
+    hidden_states = [embedded_bte, *outputs]
     x_bte = self.final_norm(x_bte)
     hidden_states[-1] = x_bte
     logits = None

@@ -7,7 +7,10 @@ Weights are kept in `param_dtype` (float32 master weights); `dtype` is the
 compute dtype.
 """
 
-from collections.abc import Sequence
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,3 +141,116 @@ def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask: jax
   probs_bhts = jax.nn.softmax(logits_bhts.astype(jnp.float32), axis=-1).astype(q_bthd.dtype)
   probs_bhts = dropout(probs_bhts, deterministic=False, rngs=rngs)
   return jnp.einsum("bhts,bshd->bthd", probs_bhts, v_bshd)
+
+
+# --- Running the layer stack -------------------------------------------------
+
+# jax.checkpoint policies by config name: what the backward pass may keep from
+# the forward pass instead of recomputing it ("full" keeps nothing but each
+# layer's input).
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_CHOICES = ("none", *REMAT_POLICIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How a model runs its stack of layers; nothing here changes what it computes.
+
+  remat: "none", or a `REMAT_POLICIES` name: each layer is a
+    `jax.checkpoint`, so its backward pass recomputes what the policy does
+    not save (less activation memory, more FLOPs).
+  scan_groups: ((start, stop), ...) ranges of layers that each run as one
+    `jax.lax.scan` over their weights stacked inside the step (one layer body
+    traced and compiled per range instead of one per layer); empty: a Python
+    loop. The parameter tree stays per layer, so checkpoints, key tables,
+    partition rules and LoRA targets are the same either way. Ranges come from
+    the partition (`ftjax.peft.partition.layer_groups`): frozen and trainable
+    layers scan separately, so a frozen prefix still gets no backward pass.
+  activation_sharding: the sharding of the (batch, length, embed) hidden
+    state at every layer boundary (`jax.lax.with_sharding_constraint`), or
+    None. A dimension its mesh axes do not divide (a generation batch of 3 on
+    a data axis of 2) is left to the compiler.
+  """
+
+  remat: str = "none"
+  scan_groups: tuple[tuple[int, int], ...] = ()
+  activation_sharding: jax.sharding.NamedSharding | None = None
+
+
+def constrain(x_bte: jax.Array, execution: Execution) -> jax.Array:
+  """`x_bte` constrained to `execution.activation_sharding` where the mesh divides its shape."""
+  sharding = execution.activation_sharding
+  if sharding is None:
+    return x_bte
+  spec = []
+  for size, axes in zip(x_bte.shape, tuple(sharding.spec) + (None,) * x_bte.ndim):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = math.prod(sharding.mesh.shape[a] for a in names)
+    spec.append(axes if size % ways == 0 else None)
+  return jax.lax.with_sharding_constraint(
+      x_bte, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec)))
+
+
+def run_layers(layer_list: Sequence[nnx.Module], x: jax.Array, fn: Callable, *,
+               execution: Execution, rngs: nnx.Rngs | None,
+               static_key: Callable[[int], Hashable] = lambda i: None) -> tuple[jax.Array, list]:
+  """`x` through every layer in order, as `execution` says; returns (x, per-layer outputs).
+
+  Layer i runs `x, out_i = fn(layer_i, x, rngs_i, static_key(i))`. `rngs_i`
+  draws dropout keys from `fold_in(key, i)`, with `key` drawn from `rngs` once,
+  so every layer has its own stream and a scanned stack draws exactly what
+  the loop draws. Layers scan together only when their graphs (structure and
+  static attributes) and `static_key`s are equal; `fn` may branch on the
+  static key (a decoder's sliding window) but not on the layer's index.
+  """
+  key = None if rngs is None else rngs.dropout()
+  policy = REMAT_POLICIES.get(execution.remat)
+
+  def body(graphdef, static, state, x, index):
+    layer = nnx.merge(graphdef, state)
+    layer_rngs = None if key is None else nnx.Rngs(dropout=jax.random.fold_in(key, index))
+    x, out = fn(layer, x, layer_rngs, static)
+    return constrain(x, execution), out
+
+  def checkpointed(graphdef, static, *, in_scan: bool):
+    call = functools.partial(body, graphdef, static)
+    if execution.remat == "none":
+      return call
+    # Inside a scan, CSE cannot merge the recomputation into the forward pass.
+    return jax.checkpoint(call, policy=policy, prevent_cse=not in_scan)
+
+  x = constrain(x, execution)
+  n = len(layer_list)
+  ranges = execution.scan_groups or tuple((i, i + 1) for i in range(n))
+  if sorted(i for a, b in ranges for i in range(a, b)) != list(range(n)):
+    raise ValueError(f"scan_groups {ranges} do not cover the {n} layers once each")
+  graphs = [nnx.split(layer) for layer in layer_list]
+  outs = [None] * n
+  for start, stop in ranges:
+    # Split further where a layer cannot share the scanned body.
+    for a, b in _runs(start, stop, lambda i: (graphs[i][0], static_key(i))):
+      if b - a == 1:
+        x, outs[a] = checkpointed(graphs[a][0], static_key(a), in_scan=False)(graphs[a][1], x, a)
+        continue
+      step = checkpointed(graphs[a][0], static_key(a), in_scan=True)
+      stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(s for _, s in graphs[a:b]))
+      x, ys = jax.lax.scan(lambda x, xs: step(xs[0], x, xs[1]), x,
+                           (stacked, jnp.arange(a, b)))
+      for i in range(a, b):
+        outs[i] = jax.tree.map(lambda y, j=i - a: y[j], ys)
+  return x, outs
+
+
+def _runs(start: int, stop: int, key: Callable[[int], Hashable]) -> list[tuple[int, int]]:
+  """[start, stop) cut into maximal runs of consecutive indices with equal `key`."""
+  runs = [[start, start + 1]]
+  for i in range(start + 1, stop):
+    if key(i) == key(runs[-1][0]):
+      runs[-1][1] = i + 1
+    else:
+      runs.append([i, i + 1])
+  return [tuple(r) for r in runs]

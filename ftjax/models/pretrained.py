@@ -82,6 +82,14 @@ class Model:
 
     return jax.jit(init_fn, out_shardings=shardings)(rng)
 
+  def with_execution(self, execution) -> "Model":
+    """This model run as `execution` says (a `ftjax.models.layers.Execution`).
+
+    Remat, scanning and activation sharding change how the layers run, not
+    what they compute: the parameter tree is the same.
+    """
+    return Model.build(dataclasses.replace(self.config, execution=execution), lora=self.lora)
+
   def apply(self, params: Params, *args, method: str | None = None, **kwargs):
     """Runs the model: `model.apply(params, input_ids, attention_mask, ...)`.
 

@@ -78,6 +78,32 @@ def labels(paths: Sequence[str], rules: Rules) -> dict[str, str]:
   return out
 
 
+_LAYER_PATH = re.compile(r"(?P<stack>.*/layers)/(?P<index>\d+)/(?P<rest>.*)")
+
+
+def layer_groups(path_labels: Mapping[str, str]) -> tuple[tuple[int, int], ...]:
+  """Ranges [start, stop) of consecutive layers that hold the same parameters, labelled alike.
+
+  What `model.scan_layers` scans as one stack: with `freeze_layers=K` the
+  frozen layers 0..K-1 and the trainable rest are two ranges, so the frozen
+  stack stays out of the backward pass; with LoRA on some layers only, those
+  layers are their own range.
+  """
+  signatures: dict[int, set] = {}
+  for path, label in path_labels.items():
+    match = _LAYER_PATH.fullmatch(path)
+    if match:
+      signatures.setdefault(int(match["index"]), set()).add((match["stack"], match["rest"],
+                                                              label))
+  groups: list[list[int]] = []
+  for index in sorted(signatures):
+    if groups and signatures[index] == signatures[groups[-1][0]] and index == groups[-1][1]:
+      groups[-1][1] = index + 1
+    else:
+      groups.append([index, index + 1])
+  return tuple((a, b) for a, b in groups)
+
+
 def split(params: Mapping, path_labels: Mapping[str, str]) -> tuple[dict, dict]:
   """Nested params -> (trainable, frozen), each a nested dict of its own leaves."""
   flat = keymap.flatten(params)

@@ -64,6 +64,8 @@ class EncoderConfig:
   # Fields of the Hugging Face config that ftjax does not use (id2label,
   # bos/eos ids, ...), kept so an exported config.json round-trips. Hashable.
   hf_extra: tuple[tuple[str, Any], ...] = ()
+  # How the layer stack runs (remat, scan, activation sharding); not exported.
+  execution: layers.Execution = layers.Execution()
 
   @property
   def head_dim(self) -> int:
@@ -313,10 +315,15 @@ class BertFamilyModel(nnx.Module):
       attention_mask = jnp.ones_like(input_ids)
     mask = layers.padding_mask(attention_mask)
     x_bse = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
-    hidden_states = [x_bse]
-    for layer in self.encoder.layers:
-      x_bse = layer(x_bse, mask, deterministic=deterministic, rngs=rngs)
-      hidden_states.append(x_bse)
+    embedded_bse = x_bse
+
+    def run_layer(layer, x_bse, layer_rngs, _):
+      x_bse = layer(x_bse, mask, deterministic=deterministic, rngs=layer_rngs)
+      return x_bse, x_bse
+
+    x_bse, outputs = layers.run_layers(self.encoder.layers, x_bse, run_layer,
+                                       execution=self.config.execution, rngs=rngs)
+    hidden_states = [embedded_bse, *outputs]
     pooled_be = jnp.tanh(self.pooler(x_bse[:, 0])) if hasattr(self, "pooler") else None
     logits = None
     if self.config.task == "classification":

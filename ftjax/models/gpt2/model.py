@@ -63,6 +63,8 @@ class Gpt2Config:
   pooling: str = "pooler"
   dtype: str = "float32"
   hf_extra: tuple[tuple[str, Any], ...] = ()
+  # How the layer stack runs (remat, scan, activation sharding); not exported.
+  execution: layers.Execution = layers.Execution()
 
   model_type = "gpt2"  # A class constant, not a field: one model type.
 

@@ -90,6 +90,8 @@ class DecoderConfig:
   # Fields of the Hugging Face config that ftjax does not use, kept so an
   # exported config.json round-trips. Hashable.
   hf_extra: tuple[tuple[str, Any], ...] = ()
+  # How the layer stack runs (remat, scan, activation sharding); not exported.
+  execution: layers.Execution = layers.Execution()
 
   def window(self, layer: int) -> int | None:
     """The sliding window of layer `layer`, or None for full causal attention."""
