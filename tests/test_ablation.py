@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ftjax import config as config_lib
 from tests.conftest import REPO
 
@@ -97,6 +99,7 @@ def _sweep_command(sweep_dir, model, data, *more):
           "--extra=--config.data.num_buckets=1", "--extra=--config.eval.batch_size=64", *more]
 
 
+@pytest.mark.slow
 def test_sweep_on_a_tiny_model_then_rerun_skips(minilm_dir, data_dir, tmp_path):
   """Every variant of a 1-layer model (K=0..1 read from its config), then a no-op rerun."""
   from tests import tiny  # pylint: disable=g-import-not-at-top

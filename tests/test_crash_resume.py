@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from ml_collections import config_flags
@@ -36,6 +37,11 @@ OVERRIDES = {"training.num_steps": NUM_STEPS, "training.batch_size": 16,
              "checkpoint.max_to_keep": 2, "eval.every_steps": 20, "eval.splits": ("test",),
              "data.num_buckets": 1,
              "eval.metric": "test/accuracy", "strategy.name": "full"}
+
+
+# The killed runs on one CPU device, as the reference run: the same program,
+# hence the same bits (conftest's 8 fake devices would slow every restart).
+ONE_DEVICE = {**os.environ, "XLA_FLAGS": ""}
 
 
 def _config(model, data):
@@ -83,7 +89,8 @@ def _interrupt(command, workdir, *, after_step: int, during_write: bool, sig: in
   # Output goes to a file: an unread pipe would fill up and block the child.
   log = workdir.parent / f"{workdir.name}.log"
   with open(log, "w", encoding="utf-8") as stream:
-    process = subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=stream, text=True)
+    process = subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=stream, text=True,
+                               env=ONE_DEVICE)
     deadline = time.monotonic() + 300
     writing = False
     try:
@@ -105,7 +112,7 @@ def test_killed_runs_resume_to_bitwise_equal_parameters(minilm_dir, data_dir, tm
   model = tiny.make_model(tmp_path / "model", minilm_dir, num_layers=2)
   data = tiny.make_data(tmp_path / "data", data_dir)
   reference = tmp_path / "reference"
-  train.train_and_evaluate(_config(model, data), str(reference))
+  train.train_and_evaluate(_config(model, data), str(reference), devices=jax.devices()[:1])
 
   workdir = tmp_path / "killed"
   command = _command(model, data, workdir)
@@ -131,7 +138,7 @@ def test_killed_runs_resume_to_bitwise_equal_parameters(minilm_dir, data_dir, tm
   assert f"pre-empted (SIGTERM) at step {stopped} of {NUM_STEPS}" in err.strip().splitlines()[-1]
 
   final = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ})
+                         env=ONE_DEVICE)
   assert final.returncode == 0, final.stderr[-3000:]
   assert f"Resumed from {workdir / 'checkpoints' / str(stopped)} at step {stopped}" in \
       final.stderr

@@ -16,7 +16,8 @@ from tests import tiny
 from tests.conftest import REPO
 
 OVERRIDES = {"training.num_steps": 6, "eval.every_steps": 2, "checkpoint.every_steps": 2,
-             "eval.splits": ("test",), "eval.metric": "test/accuracy"}
+             "eval.splits": ("test",), "eval.metric": "test/accuracy",
+             "data.num_buckets": 1}  # One padded length: one compile per step function.
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def test_restore_onto_another_device_count(tiny_dirs, tmp_path, train_devices, e
   _assert_rows_match(rows, _logged(tmp_path))
 
 
+@pytest.mark.slow
 def test_watch_evaluates_new_checkpoints_and_exits_on_the_final_marker(tiny_dirs, tmp_path):
   config = tiny.config(*tiny_dirs, **OVERRIDES)
   train.train_and_evaluate(config, str(tmp_path), stop_at_step=2, devices=jax.devices()[:1])

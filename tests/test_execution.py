@@ -70,6 +70,7 @@ SCAN = {"model.scan_layers": True}
     (FREEZE_2, ({"model.remat": "full"}, SCAN, {**SCAN, "model.remat": "dots_saveable"})),
     ({"strategy.name": "lora"}, ({**SCAN, "model.remat": "full"},)),
 ], ids=["freeze2", "lora"])
+@pytest.mark.slow
 def test_remat_and_scan_train_exactly_like_the_loop(dirs, strategy, variants):
   _, base_params, base_losses, _ = _train(_config(dirs, **strategy))
   for options in variants:

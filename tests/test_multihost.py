@@ -126,6 +126,7 @@ def _rows(workdir, key):
   return {r["step"]: r[key] for r in logs.read_metrics(workdir) if key in r}
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tiny_dirs, tmp_path):
   port = _free_port()
   pair = [_launch(tiny_dirs, tmp_path / "b", num_devices=2, log=tmp_path / f"b{i}.log",

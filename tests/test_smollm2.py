@@ -104,6 +104,7 @@ def test_logits_match_transformers(ftjax_smollm, torch_smollm, prompts):
   assert np.ptp(reference[real]) > 20
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_transformers(ftjax_smollm, torch_smollm, tokenizer, prompts):
   model, params = ftjax_smollm
   input_ids, attention_mask = generate_lib.left_pad(prompts, pad_token_id=2)
@@ -133,6 +134,7 @@ def test_missing_gguf_file_is_one_line(tmp_path):
       load(str(tmp_path / "nope.gguf"))
 
 
+@pytest.mark.slow
 def test_lora_adapter_exports_to_peft_on_the_real_model(smollm_path, ftjax_smollm, prompts,
                                                         tmp_path):
   """A LoRA adapter on SmolLM2 (B random, as after training) loads in PyTorch PEFT on

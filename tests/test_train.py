@@ -132,8 +132,9 @@ def one_device_losses(tiny_dirs, tmp_path_factory):
 
 
 # Pure data parallel (data=8) is the reference of tests/test_parallelism.py, which
-# compares tensor and FSDP meshes with it; here data x FSDP x tensor against 1 device.
-@pytest.mark.parametrize("mesh", [{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}], ids=str)
+# compares tensor and FSDP meshes with it; here 4x2 (data x tensor) and 8x1 against 1 device.
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [{"mesh.data": 4, "mesh.tensor": 2}, {"mesh.data": 8}], ids=str)
 def test_sharded_run_equals_one_device_and_is_really_sharded(tiny_dirs, tmp_path, mesh,
                                                              one_device_losses):
   model_dir, data_path, _ = tiny_dirs
