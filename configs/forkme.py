@@ -25,6 +25,10 @@ def get_config():
   config.model.pooling = "pooler"
   # Compute dtype ("float32", "bfloat16", "float16"); weights stay float32.
   config.model.dtype = "float32"
+  # Recompute each layer in the backward pass: "none", "full", "dots_saveable".
+  config.model.remat = "none"
+  # One jax.lax.scan per run of alike layers (same results and checkpoints).
+  config.model.scan_layers = False
   # Load a pickled pytorch_model.bin (torch.load(weights_only=True)); only for
   # checkpoints you trust. Prefer converting them to safetensors.
   config.model.allow_pickle = False

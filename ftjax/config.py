@@ -54,9 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
   # outputs, recompute the elementwise work) or
   # "dots_with_no_batch_dims_saveable" (keep the weight matmuls' outputs only).
   c.model.remat = "none"
-  # Run runs of alike layers as one jax.lax.scan (one layer compiled instead
-  # of L; frozen and trainable layers scan separately). Same results and
-  # checkpoints either way.
+  # Run runs of alike layers as one jax.lax.scan (one layer traced instead of
+  # L; frozen and trainable layers scan separately). Same results and
+  # checkpoints either way; with remat, each layer's recomputation stays in
+  # its loop iteration.
   c.model.scan_layers = False
   # pytorch_model.bin is a pickle (it can run code when loaded): refused unless True.
   c.model.allow_pickle = False

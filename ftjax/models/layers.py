@@ -165,7 +165,7 @@ class Execution:
     not save (less activation memory, more FLOPs).
   scan_groups: ((start, stop), ...) ranges of layers that each run as one
     `jax.lax.scan` over their weights stacked inside the step (one layer body
-    traced and compiled per range instead of one per layer); empty: a Python
+    traced per range instead of one per layer); empty: a Python
     loop. The parameter tree stays per layer, so checkpoints, key tables,
     partition rules and LoRA targets are the same either way. Ranges come from
     the partition (`ftjax.peft.partition.layer_groups`): frozen and trainable
