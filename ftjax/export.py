@@ -30,8 +30,6 @@ from ftjax.peft import hf_adapter
 from ftjax.peft import lora as lora_lib
 
 
-
-
 def _step(workdir: pathlib.Path, config, which: str) -> int:
   checkpointer = checkpoint_lib.Checkpointer(workdir, config, read_only=True)
   try:

@@ -813,6 +813,8 @@ class _PreemptionWatch:
     self._flag = threading.Event()
     self._every = every
     self._previous = None
+    # Multi-host: whether the runtime has a preemption service (known after the first step).
+    self._sync_point: bool | None = None
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
 
@@ -820,12 +822,16 @@ class _PreemptionWatch:
     if jax.process_count() == 1:
       return self._flag.is_set()
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    try:
-      return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:  # No preemption service in this runtime.
-      if step % self._every:
-        return False
-      return bool(multihost_utils.process_allgather(np.asarray(self._flag.is_set())).any())
+    if self._sync_point is not False:
+      try:
+        reached = multihost_utils.reached_preemption_sync_point(step)
+        self._sync_point = True
+        return reached
+      except RuntimeError:  # No preemption service in this runtime: asked once.
+        self._sync_point = False
+    if step % self._every:
+      return False
+    return bool(multihost_utils.process_allgather(np.asarray(self._flag.is_set())).any())
 
   def close(self) -> None:
     if self._previous is not None:

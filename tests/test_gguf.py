@@ -9,6 +9,7 @@ with `gguf.GGUFWriter`.
 import importlib.util
 import pathlib
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,6 @@ from ftjax.errors import CheckpointError
 from ftjax.models import gguf as gguf_lib
 from ftjax.models import keymap
 
-gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,7 +119,7 @@ _K_AND_IQ_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ1_S, Q.IQ1_M, Q.I
 @pytest.mark.parametrize("qtype", _K_AND_IQ_TYPES, ids=lambda t: t.name)
 def test_k_and_iq_blocks_match_transformers_torch_decoder(qtype):
   """The gguf package (numpy) and transformers (torch) decode blocks independently."""
-  dequant = pytest.importorskip("transformers.integrations.gguf.dequant")
+  from transformers.integrations.gguf import dequant  # pylint: disable=g-import-not-at-top
   _, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
   raw = np.random.default_rng(int(qtype)).integers(0, 256, size=(4, 2 * block_bytes),
                                                    dtype=np.uint8)
@@ -488,7 +488,7 @@ PROMPTS = [
 def test_smollm_tokenizer_matches_transformers(smollm_path, smollm):
   # transformers' GGUF tokenizer builder, without the AutoTokenizer wrapping
   # (which parses the whole file again for its config).
-  hf_gguf = pytest.importorskip("transformers.integrations.gguf")  # transformers 5's
+  from transformers.integrations import gguf as hf_gguf  # pylint: disable=g-import-not-at-top
   theirs, _ = hf_gguf.convert_gguf_tokenizer(*hf_gguf.get_gguf_tokenizer(str(smollm_path))[:2])
   ours = gguf_lib.load_gguf_tokenizer(smollm_path)
   assert ours.is_fast and len(ours) == smollm[0]["vocab_size"] == theirs.get_vocab_size()

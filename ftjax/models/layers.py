@@ -9,6 +9,7 @@ compute dtype.
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
 
@@ -247,10 +248,5 @@ def run_layers(layer_list: Sequence[nnx.Module], x: jax.Array, fn: Callable, *,
 
 def _runs(start: int, stop: int, key: Callable[[int], Hashable]) -> list[tuple[int, int]]:
   """[start, stop) cut into maximal runs of consecutive indices with equal `key`."""
-  runs = [[start, start + 1]]
-  for i in range(start + 1, stop):
-    if key(i) == key(runs[-1][0]):
-      runs[-1][1] = i + 1
-    else:
-      runs.append([i, i + 1])
-  return [tuple(r) for r in runs]
+  runs = [list(run) for _, run in itertools.groupby(range(start, stop), key)]
+  return [(run[0], run[-1] + 1) for run in runs]

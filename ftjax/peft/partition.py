@@ -13,6 +13,7 @@ backward pass runs through a frozen prefix and no weight gradients are
 formed for frozen kernels).
 """
 
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -95,13 +96,8 @@ def layer_groups(path_labels: Mapping[str, str]) -> tuple[tuple[int, int], ...]:
     if match:
       signatures.setdefault(int(match["index"]), set()).add((match["stack"], match["rest"],
                                                               label))
-  groups: list[list[int]] = []
-  for index in sorted(signatures):
-    if groups and signatures[index] == signatures[groups[-1][0]] and index == groups[-1][1]:
-      groups[-1][1] = index + 1
-    else:
-      groups.append([index, index + 1])
-  return tuple((a, b) for a, b in groups)
+  runs = [list(run) for _, run in itertools.groupby(sorted(signatures), signatures.get)]
+  return tuple((run[0], run[-1] + 1) for run in runs)
 
 
 def split(params: Mapping, path_labels: Mapping[str, str]) -> tuple[dict, dict]:
