@@ -1,8 +1,10 @@
 """Orbax checkpoints of a run: what cannot be re-derived, and nothing else.
 
-A checkpoint holds the trainable parameters, the optimizer state, the step,
-the run's RNG key and the data iterator's state, plus (as JSON) the base
-model it was trained from and the partition. Frozen parameters are not
+A checkpoint holds the trainable parameters (the model's and the
+objective's), the optimizer state, the step and the data iterator's state,
+plus (as JSON) the base model it was trained from, the partition and the
+run's identity. The dropout key is not saved: it is derived from the seed and
+folded with the step inside the train step, so the seed reproduces it. Frozen parameters are not
 saved: they are the base model's, re-read from `base_model` on restore, so a
 LoRA checkpoint is megabytes, not the whole model.
 

@@ -18,15 +18,14 @@ from ml_collections import config_dict
 
 from ftjax.errors import ConfigError
 
+from ftjax.models.layers import REMAT_CHOICES
+
 TASKS = ("encoder", "classification", "decoder", "causal_lm")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 POOLINGS = ("pooler", "cls", "mean")
 SOURCES = ("files", "hf", "tfds")
 STRATEGIES = ("full", "freeze", "head_only", "lora")
 MESH_AXES = ("data", "fsdp", "tensor")
-CLASSIFICATION_METRICS = ("loss", "accuracy", "precision", "recall", "f1")
-LM_METRICS = ("loss", "accuracy", "perplexity", "exact_match")
 TEMPLATES = ("alpaca", "chat")
 
 
@@ -61,6 +60,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False
   # pytorch_model.bin is a pickle (it can run code when loaded): refused unless True.
   c.model.allow_pickle = False
+
+  # What the run optimises (`ftjax.objectives`): "" is the objective of
+  # model.task ("classification" or "causal_lm"); a registered objective's
+  # own keys live beside `name` in this group (its defaults are filled in).
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = ""
 
   c.data = ml_collections.ConfigDict()
   # "files": local files under `path`; "hf": Hugging Face hub dataset `name`;
@@ -108,6 +113,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Extra (regex, "trainable"|"frozen") rules over parameter paths, tried
   # before the strategy's own; first match wins.
   c.strategy.rules = ()
+  # PEFT methods stacked on the model, in order (`ftjax.peft.adapter`
+  # registry names, e.g. ("lora",)); strategy.name="lora" implies ("lora",).
+  # Adapter parameters are trainable; the rest follows strategy.name.
+  c.strategy.adapters = ()
   c.strategy.lora = ml_collections.ConfigDict()
   c.strategy.lora.rank = 8
   c.strategy.lora.alpha = 16.0
@@ -250,7 +259,7 @@ def _is_placeholder(schema: ml_collections.ConfigDict, key: str) -> bool:
   return schema[key] is None
 
 
-def _check_values(c: ml_collections.ConfigDict) -> None:
+def _check_values(c: ml_collections.ConfigDict, objective) -> None:
   def require(ok: bool, key: str, value, expected: str):
     if not ok:
       raise ConfigError(f"config key {key!r} is {value!r}; expected {expected}")
@@ -268,16 +277,12 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   require(all(isinstance(n, int) and n >= 1 for n in c.data.bucket_lengths),
           "data.bucket_lengths", c.data.bucket_lengths, "positive lengths")
   require(c.data.template in TEMPLATES, "data.template", c.data.template, f"one of {TEMPLATES}")
-  require(not c.data.packing or c.model.task == "causal_lm", "data.packing", c.data.packing,
-          "False unless model.task='causal_lm' (packing is for instruction tuning)")
   for entry in c.data.mixture:
     require(len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], str)
             and isinstance(entry[2], (int, float)) and entry[2] > 0, "data.mixture", entry,
             "(name, path, weight > 0) triples")
   names = [entry[0] for entry in c.data.mixture]
   require(len(set(names)) == len(names), "data.mixture", names, "distinct task names")
-  require(not c.data.mixture or c.model.task == "causal_lm", "data.mixture", names,
-          "empty unless model.task='causal_lm' (mixing is for instruction tuning)")
   require(not (c.data.mixture and c.data.path), "data.path", c.data.path,
           "empty when data.mixture names the tasks' paths")
   require(c.strategy.name in STRATEGIES, "strategy.name", c.strategy.name,
@@ -290,6 +295,10 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
           f"head_only, whose encoder is frozen)")
   require(all(len(r) == 2 and r[1] in ("trainable", "frozen") for r in c.strategy.rules),
           "strategy.rules", c.strategy.rules, '(regex, "trainable"|"frozen") pairs')
+  from ftjax.peft import adapter  # pylint: disable=g-import-not-at-top
+  require(all(isinstance(a, str) and a in adapter.registered() for a in c.strategy.adapters)
+          and len(set(c.strategy.adapters)) == len(c.strategy.adapters), "strategy.adapters",
+          c.strategy.adapters, f"distinct names of {adapter.registered()}")
   require(c.strategy.lora.rank >= 1, "strategy.lora.rank", c.strategy.lora.rank,
           "a LoRA rank >= 1")
   require(c.strategy.lora.alpha > 0, "strategy.lora.alpha", c.strategy.lora.alpha, "> 0")
@@ -328,7 +337,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   require(c.eval.mode in ("max", "min"), "eval.mode", c.eval.mode, "'max' or 'min'")
   split, _, metric = c.eval.metric.partition("/")
   metric = metric.rsplit("/", 1)[-1]  # "<split>/<task>/<metric>" for one task of a mixture
-  metrics = LM_METRICS if c.model.task == "causal_lm" else CLASSIFICATION_METRICS
+  metrics = objective.metrics if objective is not None else ("loss",)
   require(not c.eval.splits or (split in c.eval.splits and metric in metrics),
           "eval.metric", c.eval.metric,
           f"'<split>/<metric>' with a split of eval.splits {tuple(c.eval.splits)} and a metric "
@@ -336,8 +345,6 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   require(c.eval.max_examples >= 0, "eval.max_examples", c.eval.max_examples, ">= 0 (0: all)")
   require(c.eval.generate_examples >= 0, "eval.generate_examples", c.eval.generate_examples,
           ">= 0 (0: no generation)")
-  require(not c.eval.generate_examples or c.model.task == "causal_lm", "eval.generate_examples",
-          c.eval.generate_examples, "0 unless model.task='causal_lm'")
   require(c.eval.max_new_tokens >= 1, "eval.max_new_tokens", c.eval.max_new_tokens, ">= 1")
   require(c.eval.num_samples >= 0, "eval.num_samples", c.eval.num_samples, ">= 0")
   try:
@@ -355,10 +362,42 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
     require(size == -1 or size >= 1, f"mesh.{axis}", size, "a device count >= 1, or -1")
 
 
+def objective_class(config: ml_collections.ConfigDict):
+  """The run's `Objective` class; None for a bare model (model.task encoder/decoder, no
+  objective.name: probe runs), which cannot train."""
+  from ftjax import objectives  # pylint: disable=g-import-not-at-top
+  name = objectives.name_of(config)
+  if not config.objective.name and name not in objectives.names():
+    return None
+  return objectives.get(name)
+
+
+def _with_objective_group(config: ml_collections.ConfigDict, objective) -> None:
+  """Adds the objective's own keys (its defaults) to `config.objective` where missing."""
+  if objective is None:
+    return
+  with config.unlocked():
+    for key, value in objective.config().items():
+      if key not in config.objective:
+        config.objective[key] = value
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks keys, types and values against the schema; returns the config."""
-  _check_keys(config, default_config())
-  _check_values(config)
+  """Checks keys, types and values against the schema; returns the config.
+
+  The schema is `default_config()` plus the objective's group
+  (`Objective.config()`), whose defaults are filled into `config`.
+  """
+  if not isinstance(config.get("objective"), ml_collections.ConfigDict):
+    _check_keys(config, default_config())  # Names the missing/bad group.
+  objective = objective_class(config)
+  schema = default_config()
+  _with_objective_group(schema, objective)
+  _with_objective_group(config, objective)
+  _check_keys(config, schema)
+  _check_values(config, objective)
+  if objective is not None:
+    objective.check_config(config)
   return config
 
 
@@ -394,13 +433,23 @@ def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> St
   return Steps(total, warmup, eval_every, checkpoint_every, steps_per_epoch)
 
 
+def save_run_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """`workdir/config.json`: the resolved config that `load_run_config` reads back."""
+  from ftjax import files  # pylint: disable=g-import-not-at-top
+  files.atomic_write_text(pathlib.Path(workdir) / "config.json",
+                          config.to_json_best_effort(indent=2) + "\n")
+
+
 def load_run_config(workdir: pathlib.Path, overrides: list[str]) -> ml_collections.ConfigDict:
   """A run's resolved config (`workdir/config.json`), with `key=value` overrides, validated."""
   path = workdir / "config.json"
   if not path.is_file():
     raise ConfigError(f"{workdir} has no config.json; expected the --workdir of a training run")
   config = default_config()
-  _update(config, json.loads(path.read_text(encoding="utf-8")))
+  saved = json.loads(path.read_text(encoding="utf-8"))
+  config.objective.name = saved.get("objective", {}).get("name", "")
+  _with_objective_group(config, objective_class(config))
+  _update(config, saved)
   for item in overrides:
     key, sep, text = item.partition("=")
     if not sep:

@@ -18,3 +18,7 @@ class ConfigError(FtjaxError):
 
 class CheckpointError(FtjaxError):
   """Weights or files that do not match what the model expects."""
+
+
+class WorkdirLocked(FtjaxError):
+  """Another run holds the workdir (`ftjax.workdir_lock`); the message names it."""

@@ -8,7 +8,9 @@ The run's resolved `config.json` is read from the workdir; `--set key=value`
 changes it (another dataset, another mesh: `--set mesh.data=1`). Checkpoints
 restore onto this process's devices whatever mesh wrote them; a LoRA or
 frozen run's checkpoint (trainable leaves only) is joined with its base model,
-which `train.setup` loads as for training. Each evaluation is appended to
+which `ftjax.core.run.setup` loads as for training; the run's objective says
+which metrics a split has (classification: accuracy, macro precision/recall/F1;
+causal LM: loss, perplexity, token accuracy, per task for a mixture). Each evaluation is appended to
 `workdir/eval_<split>.jsonl` and printed as a table. `--watch` polls for new
 checkpoints and exits once training has written `results.json` (its final
 marker) and every checkpoint has been evaluated: the t5x-style evaluator job
@@ -26,7 +28,9 @@ from absl import app, flags, logging
 
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import config as config_lib
-from ftjax import train
+from ftjax.core import compile_cache, compiled
+from ftjax.core import run as run_lib
+from ftjax.core import state as state_lib
 from ftjax.errors import FtjaxError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -36,6 +40,9 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _WATCH = flags.DEFINE_bool("watch", False, "Poll for new checkpoints until training finishes.")
 _POLL_SECONDS = flags.DEFINE_float("poll_seconds", 30.0, "Seconds between polls with --watch.")
 _SET = flags.DEFINE_multi_string("set", [], "key=value changes to the run's config.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Folder of JAX's persistent compilation cache ('none' disables "
+    "it); default $FTJAX_COMPILATION_CACHE, else ~/.cache/ftjax/xla.")
 flags.mark_flag_as_required("workdir")
 
 FINAL_MARKER = "results.json"
@@ -50,23 +57,24 @@ class Evaluator:
     # lengths would otherwise set the padded lengths (and which another
     # dataset may not have). Metrics do not depend on the padded length.
     config.eval.splits = (split,)
-    config.eval.metric = f"{split}/accuracy"
+    # Any metric of the objective will do: the evaluator tracks no best.
+    config.eval.metric = f"{split}/{config_lib.objective_class(config).metrics[0]}"
     config.data.train_split = split
     self.config, self.workdir, self.split = config, workdir, split
     # A head-only run on cached features is evaluated on them too (computed
     # for a split the run did not cache), so its metrics are the logged ones.
-    self.run = train.setup(config, devices, feature_cache_dir=workdir / "feature_cache")
-    _, self.eval_step = train.compile_steps(self.run)
+    self.run = run_lib.setup(config, devices, feature_cache_dir=workdir / "feature_cache")
+    _, self.eval_step = compiled.compile_steps(self.run)
     self.checkpointer = checkpoint_lib.Checkpointer(workdir, config, read_only=True)
     self.out = workdir / f"eval_{split}.jsonl"
 
   def evaluate(self, step: int) -> dict:
     state = self.run.initial_state
-    saved, _ = self.checkpointer.restore(step, checkpoint_lib.abstract(
-        {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state}))
+    saved, _ = self.checkpointer.restore(
+        step, checkpoint_lib.abstract(state_lib.checkpointed(state)))
     restored = state.replace(step=saved["step"], trainable=saved["trainable"])
-    results = {f"{self.split}/{k}": v
-               for k, v in train.evaluate(self.run, restored, self.eval_step, self.split).items()}
+    results = {f"{self.split}/{k}": v for k, v in compiled.evaluate(
+        self.run, restored, self.eval_step, self.split).items()}
     row = {"step": step, **results}
     if jax.process_index() == 0:
       with open(self.out, "a", encoding="utf-8") as f:
@@ -79,8 +87,11 @@ class Evaluator:
     return {json.loads(line)["step"] for line in self.out.read_text().splitlines() if line}
 
 
-def print_table(rows: list[dict], split: str) -> None:
-  keys = ["loss", "accuracy", "precision", "recall", "f1"]
+def print_table(rows: list[dict], split: str, metrics: tuple[str, ...]) -> None:
+  """One row per checkpoint: the objective's metrics this split has, in the objective's order."""
+  if not rows:
+    return
+  keys = [k for k in metrics if f"{split}/{k}" in rows[0]]
   print(f"| step | {' | '.join(keys)} |")
   print("|---:|" + "---:|" * len(keys))
   for row in rows:
@@ -89,15 +100,17 @@ def print_table(rows: list[dict], split: str) -> None:
 
 def run_evaluator(workdir: str, *, checkpoints: str = "latest", split: str = "test",
                   watch: bool = False, poll_seconds: float = 30.0,
-                  overrides: list[str] = (), devices=None) -> list[dict]:
+                  overrides: list[str] = (), devices=None,
+                  compilation_cache: str | None = None) -> list[dict]:
   workdir_path = pathlib.Path(workdir)
+  compile_cache.enable(compilation_cache)
   evaluator = Evaluator(config_lib.load_run_config(workdir_path, list(overrides)), workdir_path, split,
                         devices)
   rows = []
   if not watch:
     for step in checkpoint_lib.select_steps(evaluator.checkpointer, checkpoints):
       rows.append(evaluator.evaluate(step))
-    print_table(rows, split)
+    print_table(rows, split, evaluator.run.objective.metrics)
     return rows
   # --watch: every checkpoint not yet evaluated, until the final marker.
   while True:
@@ -108,7 +121,7 @@ def run_evaluator(workdir: str, *, checkpoints: str = "latest", split: str = "te
       if step not in done:
         logging.info("Evaluating new checkpoint %d", step)
         rows.append(evaluator.evaluate(step))
-        print_table(rows[-1:], split)
+        print_table(rows[-1:], split, evaluator.run.objective.metrics)
     if finished:
       return rows
     time.sleep(poll_seconds)
@@ -119,7 +132,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     run_evaluator(_WORKDIR.value, checkpoints=_CHECKPOINTS.value, split=_SPLIT.value,
-                  watch=_WATCH.value, poll_seconds=_POLL_SECONDS.value, overrides=_SET.value)
+                  watch=_WATCH.value, poll_seconds=_POLL_SECONDS.value, overrides=_SET.value,
+                  compilation_cache=_COMPILATION_CACHE.value)
   except FtjaxError as e:
     sys.exit(f"ftjax: error: {e}")
 

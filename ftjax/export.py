@@ -5,8 +5,8 @@
   python -m ftjax.export --workdir=/tmp/run --out=/tmp/best --checkpoint=best
 
 `merged` writes a Hugging Face checkpoint (config.json, model.safetensors and
-the tokenizer) that transformers loads; LoRA adapters are folded into their
-kernels first. `peft` (LoRA runs) writes adapter_config.json +
+the tokenizer) that transformers loads; adapters (LoRA, ...) are merged into
+the base weights first. `peft` (LoRA runs) writes adapter_config.json +
 adapter_model.safetensors for `peft.PeftModel.from_pretrained(base, DIR)`,
 with every other trained parameter (a new head) in `modules_to_save`.
 
@@ -26,8 +26,8 @@ from ftjax import config as config_lib
 from ftjax import models, sharding, train
 from ftjax.errors import CheckpointError, FtjaxError
 from ftjax.models import keymap
+from ftjax.peft import adapter as adapter_lib
 from ftjax.peft import hf_adapter
-from ftjax.peft import lora as lora_lib
 
 
 def _step(workdir: pathlib.Path, config, which: str) -> int:
@@ -67,15 +67,17 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str = "
   config, model, params, tokenizer, step, saved = restore_params(workdir, which, overrides)
   out = pathlib.Path(out)
   if fmt == "peft":
-    if model.lora is None:
+    if not model.adapters:
       raise FtjaxError(f"--format=peft needs a LoRA run; {workdir} used strategy "
                        f"{config.strategy.name!r} (export it with --format=merged)")
-    extra = tuple(p for p in saved if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b"))
+    # Every other trained parameter (a new head) goes whole into modules_to_save.
+    adapter_paths = set(adapter_lib.adapter_paths(model))
+    extra = tuple(p for p in saved if p not in adapter_paths)
     hf_adapter.save_adapter(model, params, out, base_model_name_or_path=config.model.name_or_path,
                             modules_to_save=extra)
   else:
-    if model.lora is not None:
-      model, params = lora_lib.merge_lora(model, params)
+    if model.adapters:
+      model, params = adapter_lib.merge_adapters(model, params)
     models.save_pretrained(params, model.config, out)
     tokenizer.save_pretrained(out)
   logging.info("exported %s step %d as %s to %s", workdir, step, fmt, out)

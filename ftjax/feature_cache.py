@@ -23,7 +23,6 @@ classifier's own dropout still applies in training.
 
 import hashlib
 import json
-import os
 import pathlib
 import time
 import zlib
@@ -34,7 +33,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ftjax import models, sharding
+from ftjax import files, models, sharding
 from ftjax.data import pipeline
 from ftjax.peft import partition
 
@@ -129,8 +128,9 @@ def load_or_compute(cache_dir: pathlib.Path | None, key: str, compute) -> tuple[
   logging.info("computed %s features in %.1f s", array.shape, time.perf_counter() - started)
   if path is not None and jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-      np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
+    def write(tmp):  # A file object: np.save would add ".npy" to a name.
+      with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+    files.atomic_write(path, write)
   return array, False

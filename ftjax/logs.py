@@ -1,12 +1,13 @@
 """Metrics to `workdir/metrics.jsonl` and TensorBoard, from process 0 only."""
 
 import json
-import os
 import pathlib
 
 import jax
 import numpy as np
 from absl import logging
+
+from ftjax import files
 
 
 class MetricWriter:
@@ -22,9 +23,8 @@ class MetricWriter:
       if resume_step is not None:
         kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
         # Rewritten beside and renamed over: a kill here never loses the history.
-        tmp = workdir / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, workdir / "metrics.jsonl")
+        files.atomic_write_text(workdir / "metrics.jsonl",
+                                "".join(json.dumps(r) + "\n" for r in kept))
       self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # pylint: disable=consider-using-with
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(

@@ -26,7 +26,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ftjax import config as config_lib
-from ftjax import distributed, probe, train
+from ftjax import distributed, probe
+from ftjax import workdir_lock as lock
+from ftjax.core import compile_cache, hooks, loop
 from ftjax.errors import FtjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -52,6 +54,9 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
 _CPU_COLLECTIVES = flags.DEFINE_enum(
     "cpu_collectives", None, list(distributed.CPU_COLLECTIVES),
     "Cross-process collectives on CPU (multi-process CPU runs need one); default: JAX's.")
+COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Folder of JAX's persistent compilation cache ('none' disables "
+    "it); default $FTJAX_COMPILATION_CACHE, else ~/.cache/ftjax/xla.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -115,6 +120,7 @@ def main(argv):
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
         _local_device_ids(_LOCAL_DEVICE_IDS.value), cpu_collectives=_CPU_COLLECTIVES.value)
     config = config_lib.validate(_CONFIG.value)
+    compile_cache.enable(COMPILATION_CACHE.value)
     logging.info("JAX process %d of %d (%s), local devices: %s; global devices: %d",
                  jax.process_index(), jax.process_count(), setup.how, jax.local_devices(),
                  jax.device_count())
@@ -122,10 +128,11 @@ def main(argv):
       # Process 0 speaks for the run (progress, metrics); the others only warn.
       logging.set_verbosity(logging.WARNING)
     if _MODE.value == "probe":
-      probe.run(config, _WORKDIR.value)
+      with lock.hold(_WORKDIR.value):
+        probe.run(config, _WORKDIR.value)
     else:
-      train.train_and_evaluate(config, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
-  except train.Preempted as e:
+      loop.train_and_evaluate(config, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
+  except hooks.Preempted as e:
     # 128 + SIGTERM, as if the signal had ended the process: not "finished".
     print(f"ftjax: {e}", file=sys.stderr)
     sys.exit(128 + signal.SIGTERM)

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from ftjax import config as config_lib
 from ftjax import models
 from ftjax.data import sources
 
@@ -20,7 +21,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    config_lib.save_run_config(workdir_path, config)
 
   texts = sources.load_split(config.data, config.data.train_split)[:config.training.batch_size]
   texts = texts[config.data.text_column]

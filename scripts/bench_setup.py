@@ -1,7 +1,7 @@
 """What the benchmark scripts share: a run's config, its first real batches, a child process.
 
 `bench_strategies.py` and `benchmark.py` time the library's own train step
-(`ftjax.train.setup` + `ftjax.train.compile_steps`, as `python -m ftjax.main`
+(`ftjax.core.run.setup` + `ftjax.core.compiled.compile_steps`, as `python -m ftjax.main`
 runs it) on the first batches of epoch 0, each variant in a child process of
 its own so that its peak RSS and compile time are its own.
 """
@@ -32,20 +32,9 @@ def first_batches(run, num_steps: int) -> list[dict]:
   The same examples in the same order for every strategy of a config (the
   plan depends on the seed, batch size and buckets only).
   """
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from ftjax.data import instruct, pipeline
-  # pylint: enable=g-import-not-at-top
-  config = run.config
-  if run.is_lm:
-    iterator = instruct.train_iterator(run.plan, num_steps=num_steps, data_config=config.data)
-  else:
-    iterator = pipeline.train_iterator(
-        run.train_split, global_batch_size=config.training.batch_size, buckets=run.buckets,
-        seed=config.seed, num_epochs=-(-num_steps // run.steps.steps_per_epoch),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        pad_id=run.pad_id)
-  return [run.device_batch(config.data.train_split, next(iterator)) for _ in range(num_steps)]
+  iterator = run.data.train_iterator(num_steps)  # the objective's batches, as the loop's
+  return [run.device_batch(run.config.data.train_split, next(iterator))
+          for _ in range(num_steps)]
 
 
 RESULT_PREFIX = "RESULT "

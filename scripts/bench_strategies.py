@@ -9,7 +9,7 @@ optimizer-state bytes and peak RSS. Full fine-tuning with length bucketing
 and padded to max_length (the reference) are then timed in one process,
 round by round in turn, for the bucketing ratio. Every variant runs
 the same sequence of real rotten_tomatoes batches through the same library
-code as `python -m ftjax.main` (`train.setup`, `train.compile_steps`). The
+code as `python -m ftjax.main` (`train.setup`, `ftjax.core.compiled.compile_steps`). The
 summary reports the ratios the fine-tuning core promises:
 
   freeze 3 of 6 layers: step time >= 30% below full (no backward through the prefix)
@@ -49,13 +49,13 @@ class _Variant:
 
   def __init__(self, name: str):
     import jax  # pylint: disable=g-import-not-at-top
-    from ftjax import train  # pylint: disable=g-import-not-at-top
+    from ftjax.core import compiled as compiled_lib, run as run_lib  # pylint: disable=g-import-not-at-top
     self.name = name
     self.config = bench_setup.load_config(
         "sentiment_minilm.py", {"model.name_or_path": _MODEL.value, **VARIANTS[name]})
-    self.run = train.setup(self.config)
-    self.summary = train.partition_summary(self.run)
-    self.train_step, _ = train.compile_steps(self.run)
+    self.run = run_lib.setup(self.config)
+    self.summary = run_lib.partition_summary(self.run)
+    self.train_step, _ = compiled_lib.compile_steps(self.run)
     # The first batches of epoch 0 (seed 0): the same examples for every variant.
     self.batches = bench_setup.first_batches(self.run, _STEPS.value)
     self.state, self.rng = self.run.initial_state, jax.random.key(0)

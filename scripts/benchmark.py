@@ -12,8 +12,8 @@ freeze (K=3, the config's), head_only, lora (the config's rank); the decoder
 runs full and lora (a causal LM has no classifier for head_only).
 
 Each (model, strategy) runs in its own process, so its peak RSS and compile time
-are its own, through the library's own step (`ftjax.train.setup` +
-`train.compile_steps`, as `python -m ftjax.main` runs it), on the first
+are its own, through the library's own step (`ftjax.core.run.setup` +
+`ftjax.core.compiled.compile_steps`, as `python -m ftjax.main` runs it), on the first
 `--steps` real training batches of epoch 0 (the same for every strategy):
 
   compile    lower + compile of the train step, summed over the distinct batch
@@ -179,7 +179,7 @@ def measure(model_name: str, strategy: str) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from ftjax import train
+  from ftjax.core import compiled as compiled_lib, run as run_lib
   from ftjax.models import keymap
   # pylint: enable=g-import-not-at-top
   spec = MODELS[model_name]
@@ -193,9 +193,9 @@ def measure(model_name: str, strategy: str) -> dict:
   config = bench_setup.load_config(spec.config_file, overrides)
   num_steps = _STEPS.value or spec.steps
 
-  run = train.setup(config)
-  summary = train.partition_summary(run)
-  train_step, _ = train.compile_steps(run)
+  run = run_lib.setup(config)
+  summary = run_lib.partition_summary(run)
+  train_step, _ = compiled_lib.compile_steps(run)
   batches = bench_setup.first_batches(run, num_steps)
   state, rng = run.initial_state, jax.random.key(config.seed)
 
@@ -235,7 +235,8 @@ def measure(model_name: str, strategy: str) -> dict:
   real_tokens = padded_tokens = flops_maxtext = flops_needed = flops_xla = 0.0
   for batch in batches:
     b, s = batch["input_ids"].shape
-    real = batch["segment_ids"] != 0 if run.is_lm else batch["attention_mask"]
+    real = (batch["segment_ids"] != 0 if "segment_ids" in batch
+            else batch["attention_mask"])
     real_tokens += float(np.asarray(real).sum())
     padded_tokens += b * s
     flops_maxtext += maxtext_flops(arch, b, s)

@@ -9,8 +9,8 @@ abstract (`jax.ShapeDtypeStruct`s carrying the `NamedSharding`s of
 strategy's partition rules (`ftjax.peft.partition`), the optimizer state
 (`jax.eval_shape` of `ftjax.optim.build(...).init`, moments sharded like
 their parameters), and a causal-LM batch. The train step is the library's
-(`ftjax.train.make_train_step`), jitted with the shardings and donation of
-`train.compile_steps`, then lowered and compiled; XLA's
+(`ftjax.core.step.make_train_step`), jitted with the shardings and donation of
+`ftjax.core.compiled.compile_steps`, then lowered and compiled; XLA's
 `memory_analysis()` gives each device's bytes:
 
   arguments   state + batch held when the step starts (params, moments, batch)
@@ -105,20 +105,18 @@ def measure(strategy: str) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from ftjax import models, optim, sharding, train
-  from ftjax.peft import lora as lora_lib
-  from ftjax.peft import partition
+  from ftjax import models, objectives, optim, sharding
+  from ftjax.core import state as state_lib
+  from ftjax.core import step as step_lib
+  from ftjax.peft import adapter, partition
   # pylint: enable=g-import-not-at-top
 
   config = run_config(strategy)
   mesh = sharding.make_mesh(config)
   model_config = models.FAMILIES["llama"].config_from_hf(
       hf_config(), task="causal_lm", num_labels=None, dtype=config.model.dtype)
-  lora = None
-  if strategy == "lora":
-    s = config.strategy.lora
-    lora = lora_lib.LoraSpec(rank=s.rank, alpha=s.alpha, targets=tuple(s.targets))
-  model = models.Model.build(model_config, lora=lora)  # shapes only (nnx.eval_shape)
+  # shapes only (nnx.eval_shape)
+  model = models.Model.build(model_config, adapters=adapter.from_config(config.strategy))
 
   def with_sharding(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -130,31 +128,31 @@ def measure(strategy: str) -> dict:
   trainable, frozen = partition.split(params, partition.labels(list(model.param_axes), rules))
   learning_rate = optim.schedule(config, total_steps=1000, warmup_steps=0)
   optimizer = optim.build(config, trainable, learning_rate)
-  # As train.setup places them: moments like their parameters, counters replicated.
+  # As ftjax.core.run.setup places them: moments like their parameters, counters replicated.
   opt_shape = jax.eval_shape(optimizer.init, trainable)
-  opt_sharding = train.opt_state_shardings(optimizer, trainable, mesh)
+  opt_sharding = state_lib.opt_state_shardings(optimizer, trainable, mesh)
   replicated = sharding.replicated(mesh)
-  state = train.TrainState(
+  state = state_lib.TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), trainable=trainable,
       frozen=frozen, opt_state=with_sharding(opt_shape, opt_sharding))
 
   batch_sharding = sharding.batch_sharding(config, mesh)
-  shape = (_BATCH_SIZE.value, _SEQ_LEN.value)
-  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for name, dtype in (("input_ids", jnp.int32), ("segment_ids", jnp.int32),
-                               ("positions", jnp.int32), ("targets", jnp.int32),
-                               ("target_weights", jnp.float32), ("task_ids", jnp.int32))}
-  batch["weights"] = jax.ShapeDtypeStruct(shape[:1], jnp.float32, sharding=batch_sharding)
+  # The objective's typed batch (the same arrays its data pipeline produces).
+  objective = objectives.CausalLM(config)
+  objective.task_names = ("data",)
+  batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)
+           for name, x in objective.batch_spec(_BATCH_SIZE.value, _SEQ_LEN.value).items()}
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=replicated)
 
-  # The jit of train.compile_steps: same step, shardings and donation.
+  # The jit of ftjax.core.compiled.compile_steps: same step, shardings and donation.
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(train.make_train_step(model, optimizer, learning_rate, _ACCUMULATION.value),
-                 in_shardings=(state_sharding, batch_sharding, replicated),
+  step = jax.jit(step_lib.make_train_step(objective, model, optimizer, learning_rate,
+                                          accumulation_steps=_ACCUMULATION.value),
+                 in_shardings=(state_sharding, {}, batch_sharding, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
   started = time.perf_counter()
-  compiled = step.lower(state, batch, rng).compile()
+  compiled = step.lower(state, {}, batch, rng).compile()
   seconds = time.perf_counter() - started
   analysis = compiled.memory_analysis()
   row = {

@@ -34,6 +34,7 @@ import transformers
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import config as config_lib
 from ftjax import train
+from ftjax.objectives import Classification
 from ftjax.errors import FtjaxError
 from tests import tiny
 from tests.conftest import REPO
@@ -181,13 +182,13 @@ def _no_validation(folder: pathlib.Path) -> None:
 
 
 def _nan_loss(monkeypatch) -> None:
-  real = train.loss_and_metrics
+  real = Classification.loss
 
   def nan_loss(*args, **kwargs):
-    loss, aux = real(*args, **kwargs)
-    return loss * float("nan"), aux
+    loss, sums = real(*args, **kwargs)
+    return loss * float("nan"), sums
 
-  monkeypatch.setattr(train, "loss_and_metrics", nan_loss)
+  monkeypatch.setattr(Classification, "loss", nan_loss)
 
 
 def _full_disk(error: Callable[[pathlib.Path], Exception]) -> Callable:
@@ -246,6 +247,13 @@ CASES = [
     Case("unknown_strategy", "--config.strategy.name=adapters", {"strategy.name": "adapters"},
          ("'strategy.name' is 'adapters'", "expected one of ('full', 'freeze', 'head_only', "
           "'lora')")),
+    Case("unknown_objective", "--config.objective.name=regresion",
+         {"objective.name": "regresion"},
+         ("'objective.name' is 'regresion'", "expected one of (", "'classification'",
+          "ftjax.objectives.register")),
+    Case("unknown_adapter", "--config.strategy.adapters=\"('lora', 'ia3')\"",
+         {"strategy.adapters": ("lora", "ia3")},
+         ("'strategy.adapters' is ('lora', 'ia3')", "expected distinct names of ('lora',)")),
     Case("unknown_config_key", "config.model.nmae = 'x' in a config file", {"model.nmae": "x"},
          ("unknown config key 'model.nmae'", "expected one of model.allow_pickle")),
     Case("wrong_type", "config.training.batch_size = True", {"training.batch_size": True},

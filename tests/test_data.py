@@ -11,7 +11,7 @@ import pytest
 
 from ftjax import config as config_lib
 from ftjax import models
-from ftjax.data import pipeline, sources
+from ftjax.data import batching, pipeline, sources
 from ftjax.errors import ConfigError
 from tests.conftest import REPO
 
@@ -254,6 +254,38 @@ def test_process_shards_concatenate_to_the_global_batch():
   assert_one_line(e, "16", "not divisible", "3 processes")
 
 
+def test_an_objective_batches_its_own_examples_with_the_public_plan():
+  """`batching` alone gives any objective's data bucketed, per-host, resumable global batches."""
+  lengths = synthetic_split().lengths
+  plan = batching.EpochPlan(lengths, global_batch_size=16, buckets=BUCKETS, seed=4)
+  num_steps = 2 * plan.steps_per_epoch
+
+  def make(index, count, seed=4):
+    rows = batching.local_rows(16, index, count)
+
+    def batch_at(step):  # an objective's own batch: here just the example ids and width
+      length, examples = plan(step)
+      return {"examples": examples[rows], "width": np.int32(length)}
+
+    return batching.train_iterator(batch_at, num_steps=num_steps, identity={"seed": seed},
+                                   steps_per_epoch=plan.steps_per_epoch)
+
+  whole = list(make(0, 1))
+  assert len(whole) == num_steps
+  epoch = np.concatenate([b["examples"] for b in whole[:plan.steps_per_epoch]])
+  assert len(set(epoch.tolist())) == len(epoch) and 0 <= len(lengths) - len(epoch) < 16
+  assert all(b["width"] in BUCKETS and lengths[b["examples"]].max() <= b["width"] for b in whole)
+  halves = [list(make(p, 2)) for p in range(2)]
+  for a, b, w in zip(*halves, whole):
+    np.testing.assert_array_equal(np.concatenate([a["examples"], b["examples"]]), w["examples"])
+  resumed = make(0, 1)
+  resumed.set_state({"next_step": 9, "seed": 4})
+  assert_batches_equal(take(resumed, 3), whole[9:12])
+  with pytest.raises(ConfigError) as e:
+    make(0, 1, seed=5).set_state({"next_step": 9, "seed": 4})
+  assert_one_line(e, "seed=4", "seed=5")
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -281,6 +313,8 @@ def test_eval_batches_cover_every_example_once():
 def test_jsonl_folder(rt_dir):
   dataset = sources.load_split(data_config(path=str(rt_dir)), "validation")
   assert len(dataset) == 1066 and {"text", "label"} <= set(dataset.column_names)
+  first = sources.load_split(data_config(path=str(rt_dir)), "validation", max_examples=7)
+  assert first["text"] == dataset["text"][:7]
   assert sources.split_file(str(rt_dir), "test").name == "test.jsonl"
 
 

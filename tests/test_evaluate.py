@@ -85,3 +85,31 @@ def test_watch_evaluates_new_checkpoints_and_exits_on_the_final_marker(tiny_dirs
           for line in (tmp_path / "eval_test.jsonl").read_text().splitlines()]
   assert sorted(r["step"] for r in rows) == [2, 4, 6]
   _assert_rows_match(rows, _logged(tmp_path))
+
+
+def test_causal_lm_run_is_evaluated_with_its_own_metrics(tmp_path, data_dir, capsys):
+  """The evaluator on an instruction-tuning run: loss, perplexity and token accuracy (per task),
+  equal to what training logged; no classification metrics are asked for."""
+  tiny.make_tokenizer(tmp_path / "tok", data_dir)
+  tiny.make_decoder(tmp_path / "llama", tmp_path / "tok")
+  tiny.make_instruct_data(tmp_path / "code", data_dir, "instruction")
+  tiny.make_instruct_data(tmp_path / "math", data_dir, "multitask")
+  config = tiny.lm_config(tmp_path / "llama", **{
+      "data.mixture": (("code", str(tmp_path / "code"), 1.0),
+                       ("math", str(tmp_path / "math"), 1.0)),
+      "training.num_steps": 4, "eval.every_steps": 2, "checkpoint.every_steps": 2})
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  capsys.readouterr()
+  rows = evaluate.run_evaluator(str(workdir), checkpoints="all", split="test",
+                                devices=jax.devices()[:1])
+  logged = {r["step"]: r for r in logs.read_metrics(workdir) if "test/loss" in r}
+  assert [r["step"] for r in rows] == [2, 4]
+  for row in rows:
+    for key in ("test/loss", "test/perplexity", "test/accuracy", "test/code/loss",
+                "test/math/perplexity"):
+      # (The evaluator pads to the test split's own lengths: float rounding differs.)
+      np.testing.assert_allclose(row[key], logged[row["step"]][key], rtol=1e-5, err_msg=key)
+    assert "test/f1" not in row
+  header = capsys.readouterr().out.splitlines()[0]
+  assert header == "| step | loss | accuracy | perplexity |"

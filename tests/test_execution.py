@@ -130,9 +130,9 @@ def test_scanning_keeps_the_frozen_stack_out_of_the_backward_pass(dirs):
 
 def _step_jaxpr(config):
   run = train.setup(config, devices=jax.devices()[:2])
-  step = train.make_train_step(run.model, run.optimizer, run.learning_rate, 1)
+  step = train.make_train_step(run.objective, run.model, run.optimizer, run.learning_rate)
   batch = bench_setup.first_batches(run, 1)[0]
-  return jax.make_jaxpr(step)(run.initial_state, batch, jax.random.key(0)).jaxpr
+  return jax.make_jaxpr(step)(run.initial_state, run.refs, batch, jax.random.key(0)).jaxpr
 
 
 def _count(jaxpr, primitive: str, *, executed: bool = False) -> int:

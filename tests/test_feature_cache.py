@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from ftjax import feature_cache, train
+from ftjax import feature_cache, logs, train
 from ftjax.errors import ConfigError, FtjaxError
 from tests import tiny
 from tests.test_train import _steps
@@ -29,9 +29,9 @@ def test_cached_features_train_exactly_like_the_encoder(tiny_dirs, tmp_path):
   cached = train.setup(tiny.config(model_dir, data_path, **HEAD_ONLY,
                                    **{"strategy.cache_features": True}), devices,
                        feature_cache_dir=tmp_path)
-  assert plain.features is None
-  assert set(cached.features) == {"train", "validation"}
-  assert cached.features["train"].shape == (len(cached.train_split), 32)
+  assert plain.objective.features is None
+  assert set(cached.objective.features) == {"train", "validation"}
+  assert cached.objective.features["train"].shape == (len(cached.train_split), 32)
   assert len(list(tmp_path.glob("*.npy"))) == 2
 
   results = []
@@ -58,8 +58,8 @@ def test_cache_is_reused_and_keyed_by_what_makes_the_features(tiny_dirs, tmp_pat
 
   monkeypatch.setattr(feature_cache, "features", no_compute)
   again = train.setup(config, jax.devices()[:1], feature_cache_dir=tmp_path)
-  for split, array in first.features.items():
-    np.testing.assert_array_equal(again.features[split], array)
+  for split, array in first.objective.features.items():
+    np.testing.assert_array_equal(again.objective.features[split], array)
 
   # Another max_length (other token ids) or pooling is another key: a miss.
   for change in ({"data.max_length": 16}, {"model.pooling": "mean"}):
@@ -73,7 +73,11 @@ def test_train_and_evaluate_on_cached_features_writes_the_cache(tiny_dirs, tmp_p
   data_path, model_dir = tiny_dirs
   config = tiny.config(model_dir, data_path, **HEAD_ONLY, **{"strategy.cache_features": True})
   results = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
-  assert 0 <= results["validation/accuracy"] <= 1
+  final_eval = [r for r in logs.read_metrics(tmp_path) if "validation/accuracy" in r][-1]
+  assert results["validation/accuracy"] == final_eval["validation/accuracy"]
+  n = results["validation/num_examples"]
+  assert n == 64 and results["validation/accuracy"] * n == pytest.approx(
+      round(results["validation/accuracy"] * n))
   assert len(list((tmp_path / "feature_cache").glob("*.npy"))) == 2
   assert not list((tmp_path / "feature_cache").glob(".*tmp*"))
 

@@ -15,8 +15,9 @@ import pytest
 
 from ftjax import config as config_lib
 from ftjax import models, train
-from ftjax.data import instruct
+from ftjax.data import batching, instruct
 from ftjax.errors import ConfigError
+from ftjax.objectives import CausalLM
 from ftjax.peft import partition
 from tests import tiny
 
@@ -94,6 +95,19 @@ def test_long_examples_keep_the_prompt_and_lose_the_response_end(root, tokenizer
     assert list(split.input_ids[j]) == list(full.input_ids[i][:200])
 
 
+def test_max_examples_and_a_non_string_output(root, tokenizer, tmp_path):
+  split = instruct.load_split(_data_config(root), "test", tokenizer, max_examples=5)
+  assert list(np.bincount(split.task_ids)) == [5, 5]
+  (tmp_path / "test.jsonl").write_text('{"instruction": "a", "output": "b"}\n'
+                                       '{"instruction": "c", "output": 5}\n')
+  data = _data_config(root, **{"data.mixture": (("odd", str(tmp_path), 1.0),)})
+  with pytest.raises(ConfigError) as e:
+    instruct.load_split(data, "test", tokenizer)
+  message = str(e.value)
+  assert "\n" not in message and "output column 'output' of task 'odd' holds 5 (int) at " \
+      "example 1; expected a string" in message, message
+
+
 def test_a_split_whose_prompts_fill_max_length_is_an_error(root, tokenizer):
   with pytest.raises(ConfigError, match="data.max_length=8"):
     instruct.load_split(_data_config(root, **{"data.max_length": 8}), "test", tokenizer)
@@ -107,10 +121,17 @@ def _tiny_model(root, family="llama"):
   return model, params
 
 
-def _loss(model, params, batch):
-  loss, _ = train.loss_and_metrics(model, params, {}, {k: jnp.asarray(v) for k, v in
-                                                       batch.items()},
-                                   deterministic=True, num_tasks=2)
+def _objective(root) -> CausalLM:
+  objective = CausalLM(tiny.lm_config(root / "llama"))
+  objective.task_names = ("code", "math")
+  return objective
+
+
+def _loss(model, params, batch, root):
+  objective = _objective(root)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  loss, _ = objective.loss(model, params, {}, {}, batch, rng=None, deterministic=True,
+                           normalizer=objective.normalizer(batch))
   return float(loss)
 
 
@@ -136,18 +157,18 @@ def test_prompt_labels_do_not_change_the_loss_response_labels_do(root, tokenizer
   model, params = _tiny_model(root)
   split = instruct.load_split(_data_config(root), "test", tokenizer)
   batch = instruct.make_batch(split, [[0], [17]], 256, np.ones(2, np.float32))
-  base = _loss(model, params, batch)
+  base = _loss(model, params, batch, root)
   prompt = batch["target_weights"] == 0
   rng = np.random.default_rng(0)
   changed_prompt = dict(batch, targets=np.where(
       prompt, rng.integers(3, len(tokenizer), batch["targets"].shape), batch["targets"]))
   assert (changed_prompt["targets"] != batch["targets"]).sum() > 100
-  assert _loss(model, params, changed_prompt) == base
+  assert _loss(model, params, changed_prompt, root) == base
   response_slot = np.argwhere(batch["target_weights"] > 0)[5]
   changed_response = {k: v.copy() for k, v in batch.items()}
   changed_response["targets"][tuple(response_slot)] = (
       batch["targets"][tuple(response_slot)] + 1) % len(tokenizer)
-  assert abs(_loss(model, params, changed_response) - base) > 1e-6
+  assert abs(_loss(model, params, changed_response, root) - base) > 1e-6
 
 
 # Packing.
@@ -171,7 +192,7 @@ def _per_example_losses(model, params, batch) -> dict[int, float]:
 def test_packed_rows_give_the_unpacked_per_example_losses(root, tokenizer, family):
   model, params = _tiny_model(root, family)
   split = instruct.load_split(_data_config(root), "test", tokenizer)
-  rows = instruct.pack(np.arange(len(split)), split.lengths, 1024)
+  rows = batching.pack(np.arange(len(split)), split.lengths, 1024)
   assert max(len(r) for r in rows) >= 3, "the test needs rows holding several examples"
   packed = _per_example_losses(model, params, instruct.make_batch(
       split, rows, 1024, np.ones(len(rows), np.float32)))
@@ -185,7 +206,7 @@ def test_packed_rows_give_the_unpacked_per_example_losses(root, tokenizer, famil
 
 def test_pack_places_every_example_once_within_the_row_length():
   lengths = np.random.default_rng(0).integers(5, 120, 300)
-  rows = instruct.pack(np.arange(300), lengths, 128)
+  rows = batching.pack(np.arange(300), lengths, 128)
   assert sorted(i for row in rows for i in row) == list(range(300))
   assert all(lengths[row].sum() <= 128 for row in rows)
   # First fit fills rows well: fewer rows than one per example, near the bound.
@@ -211,6 +232,50 @@ def test_mixture_samples_tasks_by_weight_and_is_deterministic(root, tokenizer):
   assert share == pytest.approx(0.75, abs=0.03)
   other_seed = instruct.train_plan(split, data, global_batch_size=4, buckets=(256,), seed=1)
   assert not np.array_equal(other_seed(0)["input_ids"], plan(0)["input_ids"])
+
+
+def _synthetic_mixture(num_tasks: int, per_task: int, max_length: int = 64):
+  """A split of `num_tasks` tasks of `per_task` random examples, and its data config."""
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(4, max_length + 1, num_tasks * per_task)
+  names = tuple(f"task{t}" for t in range(num_tasks))
+  split = instruct.InstructSplit(
+      [rng.integers(3, 100, n).astype(np.int32) for n in lengths],
+      np.minimum(lengths - 1, 3).astype(np.int32),
+      np.repeat(np.arange(num_tasks), per_task).astype(np.int32), names,
+      [""] * len(lengths), [""] * len(lengths))
+  data = config_lib.default_config().data
+  data.max_length = max_length
+  data.mixture = tuple((name, f"/unused/{name}", 1.0) for name in names)
+  return split, data
+
+
+def test_each_task_stream_shuffles_once_per_epoch_however_many_tasks(monkeypatch):
+  """Six task streams: each (task, epoch) permutation is computed once, not once per draw.
+
+  A stream reshuffles with `default_rng([seed, task, epoch])`; counting those
+  calls counts the permutations (a cache shared by the streams and smaller than
+  the number of tasks recomputed one on almost every draw).
+  """
+  split, data = _synthetic_mixture(num_tasks=6, per_task=20)
+  seeds = []
+  default_rng = np.random.default_rng
+
+  def counting_rng(seed=None):
+    seeds.append(tuple(np.atleast_1d(seed).tolist()) if seed is not None else ())
+    return default_rng(seed)
+
+  plan = instruct.train_plan(split, data, global_batch_size=4, buckets=(64,), seed=0)
+  expected = [plan(step)["input_ids"] for step in range(3 * plan.steps_per_epoch)]
+  monkeypatch.setattr(np.random, "default_rng", counting_rng)
+  counted = instruct.train_plan(split, data, global_batch_size=4, buckets=(64,), seed=0)
+  for step, input_ids in enumerate(expected):  # the data order is the same, counted or not
+    np.testing.assert_array_equal(counted(step)["input_ids"], input_ids)
+  permutations = [s for s in seeds if len(s) == 3]  # (seed, task, epoch)
+  touched = set(permutations)
+  epochs = max(epoch for _, _, epoch in touched) + 1
+  assert {task for _, task, _ in touched} == set(range(6)) and epochs >= 3
+  assert len(permutations) == len(touched) <= 6 * epochs, len(permutations)
 
 
 def test_each_process_materialises_its_own_rows(root, tokenizer):
@@ -252,7 +317,10 @@ def test_lm_run_logs_per_task_metrics_and_perplexity(lm_run):
   for key in ("test/perplexity", "test/code/perplexity", "test/math/perplexity"):
     assert results[key] > 1
   assert results["test/perplexity"] == pytest.approx(np.exp(results["test/loss"]))
-  assert 0 <= results["test/exact_match"] <= 1 and "test/math/exact_match" in results
+  # 3 generated answers per task: the overall exact match is the mean of the two tasks'.
+  per_task = [results["test/code/exact_match"], results["test/math/exact_match"]]
+  assert all(round(3 * v) == pytest.approx(3 * v) for v in per_task)
+  assert results["test/exact_match"] == pytest.approx(np.mean(per_task))
   # Training moves the held-out loss (a random model with lr 3e-3).
   assert evals[-1]["test/loss"] < evals[0]["test/loss"]
 
@@ -280,7 +348,9 @@ def test_lm_run_resumes_exactly(lm_run, tmp_path):
   assert resumed["test/loss"] == results["test/loss"]
 
 
-def test_accumulation_changes_nothing_but_memory(root, tokenizer):
+def test_accumulation_without_dropout_changes_nothing_but_memory(root, tokenizer):
+  """The tiny Llama has no dropout: 4 micro-batches give the one-batch step. (With dropout,
+  each micro-batch draws its own masks, so only the distribution is the same.)"""
   model, params = _tiny_model(root)
   labels = partition.labels(list(model.param_axes), [(".*", partition.TRAINABLE)])
   trainable, frozen = partition.split(params, labels)
@@ -289,11 +359,11 @@ def test_accumulation_changes_nothing_but_memory(root, tokenizer):
       split, [[i] for i in range(8)], 256, np.ones(8, np.float32)).items()}
   grads = []
   for accumulation in (1, 4):
-    step = train.make_train_step(model, optax.sgd(1.0), optax.constant_schedule(1.0),
-                                 accumulation, num_tasks=2)
+    step = train.make_train_step(_objective(root), model, optax.sgd(1.0),
+                                 optax.constant_schedule(1.0), accumulation_steps=accumulation)
     state = train.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                              opt_state=optax.sgd(1.0).init(trainable))
-    new_state, metrics = jax.jit(step)(state, batch, jax.random.key(0))
+    new_state, metrics = jax.jit(step)(state, {}, batch, jax.random.key(0))
     grads.append((float(metrics["loss"]), new_state.trainable))
   assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
   for a, b in zip(jax.tree.leaves(grads[0][1]), jax.tree.leaves(grads[1][1])):

@@ -91,7 +91,7 @@ def test_merge_matches_unmerged_and_exports_to_pytorch(model_type, tmp_path):
   assert np.abs(lora_logits - _logits(model, params, inputs)).max() > 1e-3
 
   merged_model, merged_params = lora.merge_lora(lora_model, lora_params)
-  assert merged_model.lora is None
+  assert merged_model.adapters == ()
   assert set(keymap.flatten(merged_params)) == set(keymap.flatten(params))
   # The fold itself, against numpy, on a kernel with two input axes.
   out = "encoder/layers/1/attention/output/"
@@ -114,7 +114,7 @@ def test_merge_matches_unmerged_and_exports_to_pytorch(model_type, tmp_path):
 def test_default_targets_are_query_and_value_of_every_layer():
   config = _tiny_config()
   base = models.Model.build(config)
-  model = models.Model.build(config, lora=lora.LoraSpec(rank=4, alpha=8.0))
+  model = models.Model.build(config, adapters=(lora.LoraSpec(rank=4, alpha=8.0),))
   expected = {f"encoder/layers/{i}/attention/{proj}/{leaf}"
               for i in range(config.num_layers) for proj in ("query", "value")
               for leaf in ("lora_a", "lora_b")}
@@ -142,7 +142,7 @@ def test_default_targets_are_query_and_value_of_every_layer():
 ])
 def test_custom_targets(targets, modules, a_axes, b_axes):
   config = _tiny_config()
-  model = models.Model.build(config, lora=lora.LoraSpec(rank=3, alpha=3.0, targets=targets))
+  model = models.Model.build(config, adapters=(lora.LoraSpec(rank=3, alpha=3.0, targets=targets),))
   paths = lora.lora_paths(model.abstract_params)
   adapted = {p.rsplit("/", 2)[-2] for p in paths}
   assert adapted == set(modules)
@@ -197,7 +197,7 @@ def test_scale_is_alpha_over_rank():
 def test_adapters_get_gradients():
   """With B = 0, d loss / d B is non-zero (training can start); d loss / d A is zero."""
   config = _tiny_config(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0)
-  model = models.Model.build(config, lora=lora.LoraSpec(rank=2, alpha=4.0))
+  model = models.Model.build(config, adapters=(lora.LoraSpec(rank=2, alpha=4.0),))
   params = model.init(jax.random.key(0))
   inputs = hf_models.padded_batch(transformers.BertConfig(vocab_size=config.vocab_size))
   grads = jax.grad(lambda p: model.apply(p, **inputs).logits.sum())(params)
@@ -268,14 +268,14 @@ def test_target_matching_nothing_is_a_config_error():
   config = _tiny_config()
   with pytest.raises(ConfigError, match=r"'\.\*/attention/qkv' matches no dense layer.*"
                      r"'encoder/layers/0/attention/key'") as e:
-    models.Model.build(config, lora=lora.LoraSpec(4, 8.0, targets=(r".*/attention/qkv",)))
+    models.Model.build(config, adapters=(lora.LoraSpec(4, 8.0, targets=(r".*/attention/qkv",)),))
   assert "\n" not in str(e.value)
   # One good target does not hide a typo in another.
   with pytest.raises(ConfigError, match="'.*/valu' matches no dense layer"):
-    models.Model.build(config, lora=lora.LoraSpec(4, 8.0, targets=(r".*/query", r".*/valu")))
+    models.Model.build(config, adapters=(lora.LoraSpec(4, 8.0, targets=(r".*/query", r".*/valu")),))
   # A module that is not a dense layer is not a target.
   with pytest.raises(ConfigError, match="matches no dense layer"):
-    models.Model.build(config, lora=lora.LoraSpec(4, 8.0, targets=(r".*/attention",)))
+    models.Model.build(config, adapters=(lora.LoraSpec(4, 8.0, targets=(r".*/attention",)),))
 
 
 def test_adding_twice_or_merging_nothing_is_an_error():

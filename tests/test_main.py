@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ftjax import models
+from ftjax import logs, models
 from tests.conftest import REPO
 
 
@@ -49,7 +49,11 @@ def test_train_command_end_to_end_and_rerun_is_a_no_op(minilm_dir, data_dir, tmp
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / "run" / "results.json").read_text())
   assert results["step"] == 4 and results["test/num_examples"] == 64
-  assert 0 <= results["test/accuracy"] <= 1 and results["params/trainable_fraction"] < 0.1
+  # The final metrics are the last evaluation's, over all 64 test examples.
+  final_eval = [r for r in logs.read_metrics(tmp_path / "run") if "test/accuracy" in r][-1]
+  assert final_eval["step"] == 4 and results["test/accuracy"] == final_eval["test/accuracy"]
+  assert (results["test/accuracy"] * 64) == pytest.approx(round(results["test/accuracy"] * 64))
+  assert results["params/trainable_fraction"] < 0.1
   assert "trainable params:" in result.stderr
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["2", "4"]

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+from ftjax.objectives import CausalLM
 from tests.conftest import REPO
 
 SMALL = ["--hidden_size=64", "--num_layers=2", "--num_heads=8", "--num_kv_heads=4",
@@ -37,10 +38,16 @@ def test_lora_needs_less_memory_per_device_than_full(tmp_path):
     # The state's bytes per device, from its shardings, are what the step gets and
     # donates (the batch and RNG key are the rest of its arguments).
     assert row["aliased"] == row["state_bytes_from_shardings"]
-    assert row["state_bytes_from_shardings"] < row["arguments"] < (
-        row["state_bytes_from_shardings"] + 8 * 32 * 4 * 8)
-    assert row["peak"] == row["arguments"] + row["outputs"] - row["aliased"] + row["temp"] + (
-        row["code"])
+    # Arguments are exactly the state, this device's rows of the objective's batch
+    # (6 int32/float32 arrays of 8 x 32 over the 4 data-parallel fsdp shards): nothing is
+    # replicated that should not be. (The RNG key is not an argument: Llama has no
+    # dropout, so jit prunes the unused key.)
+    batch_bytes = sum(x.dtype.itemsize * x.size
+                      for x in CausalLM.batch_spec(8, 32).values()) // 4
+    assert batch_bytes == 6 * 2 * 32 * 4
+    assert row["arguments"] == row["state_bytes_from_shardings"] + batch_bytes
+    # What must fit: more than what is held when the step starts plus its workspace.
+    assert row["peak"] >= row["arguments"] + row["temp"] > row["arguments"]
   # LoRA (rank 8) trains A (64 x 8) and B (8 x out) of query (out 8 heads x 8) and value
   # (out 4 kv heads x 8) in both layers; the frozen base has no moments.
   assert lora["trainable_params"] == 2 * (8 * (64 + 64) + 8 * (64 + 32))

@@ -108,7 +108,8 @@ def test_importing_a_peft_trained_adapter(tmp_path):
     theirs = peft_model.eval()(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
   model, params = models.from_pretrained(str(tmp_path / "base"), task="causal_lm")
   lora_model, lora_params = hf_adapter.load_adapter(model, params, tmp_path / "adapter")
-  assert lora_model.lora.rank == 2 and lora_model.lora.scale == 3.0
+  (spec,) = lora_model.adapters
+  assert isinstance(spec, lora.LoraSpec) and spec.rank == 2 and spec.scale == 3.0
   ours = np.asarray(lora_model.apply(lora_params, *inputs.values()).logits)
   real = inputs["attention_mask"].astype(bool)
   assert np.abs(ours - theirs)[real].max() < TOL

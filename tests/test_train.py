@@ -1,16 +1,20 @@
 """The fine-tuning core on a tiny real run: freezing, partitions, sharding, resume."""
 
 import json
+import math
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from ftjax import checkpoint, logs, optim, sharding, train
 from ftjax.data import pipeline
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, FtjaxError
 from ftjax.models import keymap
+from ftjax.core.hooks import Tracker
+from ftjax.objectives import Classification
 from ftjax.peft import partition
 from tests import tiny
 
@@ -212,29 +216,58 @@ def test_lora_checkpoint_holds_only_trainable_leaves(tiny_dirs, tmp_path):
 
 def test_nan_loss_stops_with_one_clear_line(tiny_dirs, tmp_path, monkeypatch):
   model_dir, data_path, _ = tiny_dirs
-  real = train.loss_and_metrics
+  real = Classification.loss
 
   def nan_loss(*args, **kwargs):
-    loss, aux = real(*args, **kwargs)
-    return loss * float("nan"), aux
+    loss, sums = real(*args, **kwargs)
+    return loss * float("nan"), sums
 
-  monkeypatch.setattr(train, "loss_and_metrics", nan_loss)
-  with pytest.raises(train.FtjaxError, match=r"loss is nan \(grad norm nan\) at step 1; "):
+  monkeypatch.setattr(Classification, "loss", nan_loss)
+  with pytest.raises(FtjaxError, match=r"loss is nan \(grad norm nan\) at step 1; "):
     train.train_and_evaluate(tiny.config(model_dir, data_path), str(tmp_path),
                              devices=jax.devices()[:1])
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
-def test_early_stopping_after_patience(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping_after_patience(tiny_dirs, tmp_path, patience):
   model_dir, data_path, _ = tiny_dirs
-  # Validation loss rises once the learning rate is absurd: stop after 1 bad eval.
+  # Validation loss rises once the learning rate is absurd.
   config = tiny.config(model_dir, data_path, **{
       "optimizer.learning_rate": 0.5, "optimizer.warmup_steps": 0, "eval.every_steps": 1,
-      "eval.metric": "validation/loss", "eval.mode": "min", "eval.early_stopping_patience": 1,
-      "eval.splits": ("validation",), "training.num_steps": 20})
+      "eval.metric": "validation/loss", "eval.mode": "min",
+      "eval.early_stopping_patience": patience, "eval.splits": ("validation",),
+      "training.num_steps": 20})
   train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   evals = [r["validation/loss"] for r in logs.read_metrics(tmp_path) if "validation/loss" in r]
   assert len(evals) < 20
-  assert evals[-1] >= min(evals[:-1])  # the last evaluation did not improve
+  # The run stopped at the first evaluation that made `patience` in a row without a new
+  # best, and not before.
+  best, stale, stop = math.inf, 0, None
+  for i, value in enumerate(evals):
+    best, stale = (value, 0) if value < best else (best, stale + 1)
+    if stale == patience:
+      stop = i
+      break
+  assert stop == len(evals) - 1, (patience, evals)
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["step"] == len(evals) and results["best"]["validation/loss"] == min(evals)
+
+
+def test_tracker_stops_after_exactly_patience_evaluations_without_improvement():
+  values = [1.0, 0.9, 1.1, 0.8, 1.2, 1.3, 0.7]
+  stops = {}
+  for patience in (1, 2, 3):
+    c = ml_collections.ConfigDict({"eval": {"metric": "validation/loss", "mode": "min",
+                                            "early_stopping_patience": patience}})
+    tracker = Tracker(c)
+    for step, value in enumerate(values):
+      tracker.update(step, {"validation/loss": value})
+      if tracker.should_stop:
+        stops[patience] = step
+        break
+  # patience 1: the first worse value (1.1); 2: two in a row (1.2, 1.3); 3: never.
+  assert stops == {1: 2, 2: 5}
+  assert tracker.best == 0.7 and tracker.best_step == 6 and tracker.stale == 0
+
+

@@ -1,1 +1,3 @@
-"""Input data: sources, tokenisation and batching."""
+"""Input data: `sources` (files, hub, TFDS) -> `batching` (length buckets, plans, per-host rows,
+resumable iterators) -> per-objective formatting (`pipeline`: text classification; `instruct`:
+instruction tuning)."""

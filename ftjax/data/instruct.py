@@ -7,9 +7,10 @@ loss is on the response tokens only, so the model is never trained to write
 prompts. Prompt and response are tokenised separately and concatenated, so
 the boundary is exact and is what generation sees at evaluation time.
 
-A training batch row is either one example padded to its bucket length (as
-for classification, `ftjax.data.pipeline`) or, with `data.packing`, several
-examples packed into one `max_length` row. Every batch has the same keys:
+A training batch row is either one example padded to its bucket length (the
+length buckets of `ftjax.data.batching`, as for classification) or, with
+`data.packing`, several examples packed into one `max_length` row
+(`batching.pack`). Every batch has the same keys:
 
   input_ids       (b, L) int32   tokens, 0-padded
   segment_ids     (b, L) int32   1, 2, ... per example in the row; 0 = padding
@@ -25,13 +26,13 @@ so a packed row computes exactly the per-example losses of the unpacked rows.
 
 Multi-task mixing: the tasks' examples are drawn in proportion to their
 weights by `grain.MapDataset.mix` over per-task streams that reshuffle every
-pass. Like the classification pipeline, the plan of global batches is a pure
-function of (seed, lengths), so every host computes it and materialises only
-its rows, and the iterator's state is the next step.
+pass. As for classification, the plan of global batches is a pure function of
+(seed, lengths), so every host computes it and materialises only its rows
+(`batching.local_rows`), and the iterator's state is the next step
+(`batching.TrainIterator`).
 """
 
 import dataclasses
-import functools
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ftjax.data import pipeline, sources
+from ftjax.data import batching, sources
 from ftjax.errors import ConfigError
 
 ALPACA_PROMPT = (
@@ -51,12 +52,12 @@ ALPACA_PROMPT = (
 ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-# Examples of all tasks, per pass of the mixture (see `_MixturePlan`).
+# Passes a task stream can index (see `MixturePlan`): more than any run reaches.
 _MAX_PASSES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class InstructSplit:
+class InstructSplit(batching.Sequences):
   """Tokenised instruction examples of one split, over one or more tasks.
 
   Attributes:
@@ -67,19 +68,11 @@ class InstructSplit:
     prompts: the rendered prompt texts (for generation and samples).
     references: the outputs as written in the data.
   """
-  input_ids: list[np.ndarray]
   prompt_lengths: np.ndarray
   task_ids: np.ndarray
   task_names: tuple[str, ...]
   prompts: list[str]
   references: list[str]
-
-  @functools.cached_property
-  def lengths(self) -> np.ndarray:
-    return np.fromiter((len(ids) for ids in self.input_ids), np.int32, len(self.input_ids))
-
-  def __len__(self) -> int:
-    return len(self.input_ids)
 
   def task_members(self, task: int) -> np.ndarray:
     return np.flatnonzero(self.task_ids == task)
@@ -133,16 +126,11 @@ def load_split(data_config: ml_collections.ConfigDict, split: str, tokenizer, *,
   special = data_config.template != "chat"
   ids, prompt_lengths, task_ids, prompts, references = [], [], [], [], []
   for task, (name, path, _) in enumerate(tasks(data_config)):
-    dataset = sources.load_records(path, split, data_config)
-    if max_examples:
-      dataset = dataset.select(range(min(max_examples, len(dataset))))
-    records = dataset.to_list()
+    records = sources.load_records(path, split, data_config, max_examples=max_examples).to_list()
     texts = [render(r, data_config, tokenizer) for r in records]
-    outputs = [r[data_config.output_column] for r in records]
-    for i, out in enumerate(outputs):
-      if not isinstance(out, str):
-        raise ConfigError(f"output column {data_config.output_column!r} of task {name!r} "
-                          f"holds {out!r} at example {i}; expected a string")
+    outputs = sources.check_strings([r[data_config.output_column] for r in records],
+                                    f"output column {data_config.output_column!r} of task "
+                                    f"{name!r}")
     prompt_ids = tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]
     response_ids = tokenizer(outputs, add_special_tokens=False, verbose=False)["input_ids"]
     truncated = dropped = 0
@@ -201,55 +189,39 @@ def make_batch(split: InstructSplit, rows: Sequence[Sequence[int]], length: int,
           "weights": weights.astype(np.float32)}
 
 
-def pack(order: np.ndarray, lengths: np.ndarray, row_length: int,
-         open_rows: int = 8) -> list[list[int]]:
-  """Examples (in `order`) packed into rows of at most `row_length` tokens.
-
-  First fit over the `open_rows` most recent rows: an example goes to the
-  first open row with room, else opens a row (closing the oldest when there
-  are `open_rows`). Rows come out in the order they were opened.
-  """
-  rows: list[list[int]] = []
-  room: list[int] = []
-  first_open = 0
-  for i in order:
-    n = int(lengths[i])
-    for r in range(first_open, len(rows)):
-      if room[r] >= n:
-        rows[r].append(int(i))
-        room[r] -= n
-        break
-    else:
-      rows.append([int(i)])
-      room.append(row_length - n)
-      first_open = max(first_open, len(rows) - open_rows)
-  return rows
-
-
 class _Stream:
-  """Task t's examples, reshuffled on every pass: index k -> example id."""
+  """Task t's examples, reshuffled on every pass over them: index k -> example id.
+
+  Each stream keeps its own current permutation: the mixture reads every
+  stream in increasing k (passes are built in order), so each (task, epoch)
+  permutation is computed once. (A cache shared by all streams, bounded below
+  the number of tasks, would recompute one on almost every draw.)
+  """
 
   def __init__(self, members: np.ndarray, seed: int, task: int):
     self._members, self._seed, self._task = members, seed, task
+    self._current: tuple[int, np.ndarray] | None = None
 
-  @functools.lru_cache(maxsize=4)
   def _permutation(self, epoch: int) -> np.ndarray:
-    rng = np.random.default_rng([self._seed, self._task, epoch])
-    return self._members[rng.permutation(len(self._members))]
+    current = self._current
+    if current is None or current[0] != epoch:
+      rng = np.random.default_rng([self._seed, self._task, epoch])
+      current = self._current = (epoch, self._members[rng.permutation(len(self._members))])
+    return current[1]
 
   def __call__(self, k: int) -> int:
     epoch, j = divmod(int(k), len(self._members))
     return int(self._permutation(epoch)[j])
 
 
-class _MixturePlan:
+class MixturePlan:
   """Global step -> this process's LM batch.
 
   The mixed stream of example ids (`grain.MapDataset.mix` of per-task
   streams) is cut into *passes* of `len(split)` examples; each pass is laid
-  out as global batches (packed rows, or bucketed examples as in
-  `ftjax.data.pipeline`), and a pass's leftover rows (less than a batch) are
-  dropped. Passes are built on demand and cached.
+  out as global batches (`batching.pack`ed rows, or `batching.bucket_plan`),
+  and a pass's leftover rows (less than a batch) are dropped. Passes are built
+  on demand and cached.
   """
 
   def __init__(self, split: InstructSplit, data_config: ml_collections.ConfigDict, *,
@@ -258,10 +230,15 @@ class _MixturePlan:
     self._packing = data_config.packing
     self._max_length = data_config.max_length
     self._buckets = buckets
-    self._bucket_of = pipeline._bucket_of(split.lengths, buckets)  # pylint: disable=protected-access
+    self._bucket_of = batching.bucket_of(split.lengths, buckets)
     self._batch = global_batch_size
     self._seed = seed
     self._rows = rows
+    # What fixes the plan: a resumed iterator must see the same (see `batching.TrainIterator`).
+    self.identity = {"seed": seed, "global_batch_size": global_batch_size,
+                     "buckets": list(buckets), "num_examples": len(split),
+                     "packing": bool(data_config.packing),
+                     "mixture": [[n, w] for n, _, w in tasks(data_config)]}
     weights = [w for _, _, w in tasks(data_config)]
     streams = [grain.MapDataset.range(_MAX_PASSES * len(split)).map(
         _Stream(split.task_members(t), seed, t)) for t in range(len(split.task_names))]
@@ -273,15 +250,15 @@ class _MixturePlan:
   def _build_pass(self, p: int) -> list[tuple[int, list[list[int]]]]:
     n = len(self._split)
     order = np.fromiter((self._mixed[k] for k in range(p * n, (p + 1) * n)), np.int64, n)
-    rng = np.random.default_rng([self._seed, p])
     if self._packing:
-      rows = pack(order, self._split.lengths, self._max_length)
+      rows = batching.pack(order, self._split.lengths, self._max_length)
       num = len(rows) // self._batch
       return [(self._max_length, rows[k * self._batch:(k + 1) * self._batch])
               for k in range(num)]
-    plan = pipeline._bucket_plan(order, self._bucket_of, len(self._buckets), self._batch)  # pylint: disable=protected-access
-    batches = [(self._buckets[b], [[int(i)] for i in examples]) for b, examples in plan]
-    return [batches[j] for j in rng.permutation(len(batches))]
+    plan = batching.bucket_plan(order, self._bucket_of, num_buckets=len(self._buckets),
+                                global_batch_size=self._batch,
+                                rng=np.random.default_rng([self._seed, p]))
+    return [(self._buckets[b], [[int(i)] for i in examples]) for b, examples in plan]
 
   def pass_of(self, step: int) -> tuple[int, int]:
     """(pass, index in the pass) of a global step, building passes as needed."""
@@ -311,32 +288,29 @@ class _MixturePlan:
 
 def train_plan(split: InstructSplit, data_config: ml_collections.ConfigDict, *,
                global_batch_size: int, buckets: tuple[int, ...], seed: int,
-               process_index: int = 0, process_count: int = 1) -> _MixturePlan:
-  if seed < 0:
-    raise ConfigError(f"seed is {seed}; expected a non-negative integer")
-  rows = pipeline._local_rows(global_batch_size, process_index, process_count)  # pylint: disable=protected-access
-  return _MixturePlan(split, data_config, global_batch_size=global_batch_size, buckets=buckets,
+               process_index: int = 0, process_count: int = 1) -> MixturePlan:
+  """The mixture's plan of global batches; materialises this process's rows."""
+  batching.check_seed(seed)
+  rows = batching.local_rows(global_batch_size, process_index, process_count)
+  return MixturePlan(split, data_config, global_batch_size=global_batch_size, buckets=buckets,
                       seed=seed, rows=rows)
 
 
-def train_iterator(plan: _MixturePlan, *, num_steps: int,
-                   data_config: ml_collections.ConfigDict) -> pipeline.TrainIterator:
-  """Resumable training batches for `num_steps` steps (see `pipeline.TrainIterator`)."""
-  dataset = grain.MapDataset.range(num_steps).map(plan)
-  identity = {"seed": plan._seed, "global_batch_size": plan._batch,  # pylint: disable=protected-access
-              "buckets": list(plan._buckets), "num_examples": len(plan._split),  # pylint: disable=protected-access
-              "packing": bool(data_config.packing),
-              "mixture": [[n, w] for n, _, w in tasks(data_config)]}
-  return pipeline.TrainIterator(dataset, identity, plan.steps_per_epoch)
+def train_iterator(plan: MixturePlan, *, num_steps: int,
+                   data_config: ml_collections.ConfigDict) -> batching.TrainIterator:
+  """Resumable training batches for `num_steps` steps (see `batching.TrainIterator`)."""
+  del data_config  # The one `plan` was built from; the plan records what the state needs.
+  return batching.train_iterator(plan, num_steps=num_steps, identity=plan.identity,
+                                 steps_per_epoch=plan.steps_per_epoch)
 
 
 def eval_batches(split: InstructSplit, *, global_batch_size: int, buckets: tuple[int, ...],
                  process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Every example once, unpacked, bucketed; filler rows weigh 0 (as `pipeline.eval_batches`)."""
-  rows = pipeline._local_rows(global_batch_size, process_index, process_count)  # pylint: disable=protected-access
-  for length, examples, weights in pipeline.eval_plan(split.lengths, global_batch_size, buckets):
-    local = examples[rows]
-    yield make_batch(split, [[int(i)] for i in local], length, weights[rows])
+  """Every example once, unpacked, bucketed; filler rows weigh 0 (`batching.eval_plan`)."""
+  for length, examples, weights in batching.eval_plan(
+      split.lengths, global_batch_size=global_batch_size, buckets=buckets,
+      process_index=process_index, process_count=process_count):
+    yield make_batch(split, [[int(i)] for i in examples], length, weights)
 
 
 def extract_answer(text: str, answer_regex: str) -> str:

@@ -1,50 +1,27 @@
-"""Tokenised splits and the batches the train and eval steps see.
+"""Text classification data: tokenised splits and the batches the train and eval steps see.
 
-Padding every sentence to `max_length` wastes most of the compute on short
-text (rotten_tomatoes averages ~27 tokens). Instead each example goes to the
-smallest of a few *bucket lengths* that holds it, and every batch is padded to
-its bucket's length: XLA compiles one program per bucket, and the mean padded
-length drops close to the mean real length.
-
-The training order is a pure function of (seed, epoch, example lengths), laid
-out as a *plan* of global batches:
-
-1. permute the examples with (seed, epoch);
-2. in that order, put each example in the smallest bucket that holds it, cut
-   each bucket into full global batches, and carry a bucket's leftover (fewer
-   than a batch) into the next larger bucket; the largest bucket's final
-   leftover is dropped;
-3. shuffle the epoch's batches with (seed, epoch).
-
-The number of batches per epoch depends only on the lengths, so
-`steps_per_epoch` is exact. Every process computes the same plan and
-materialises only its own rows of each global batch, so hosts need no
-coordination. The plan is indexed by the global step (a `grain.MapDataset`
-over `epoch * steps_per_epoch + j`), so the iterator's state is one integer
-and resuming is exact, even on a different number of processes.
+Examples are tokenised unpadded; `ftjax.data.batching` buckets them by length
+and lays out the deterministic, resumable plan of global batches. This module
+pads a plan's examples into classification batches (`input_ids`,
+`attention_mask`, `labels`, ...).
 """
 
 import dataclasses
-import functools
-import threading
 from collections.abc import Iterator, Sequence
 
 import datasets
-import grain
 import ml_collections
 import numpy as np
 from absl import logging
 
+from ftjax.data import batching, sources
 from ftjax.errors import ConfigError
 
-# Batches are cheap numpy copies: one worker thread and a short buffer keep the
-# host free for the train step (the project's machines have 2 cores).
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 _TOKENIZE_CHUNK = 1000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TokenizedSplit:
+class TokenizedSplit(batching.Sequences):
   """Token ids of one split, unpadded.
 
   Attributes:
@@ -52,17 +29,8 @@ class TokenizedSplit:
     token_type_ids: per example like `input_ids`; only for sentence pairs.
     labels: int32 (num_examples,).
   """
-  input_ids: list[np.ndarray]
   token_type_ids: list[np.ndarray] | None
   labels: np.ndarray
-
-  @functools.cached_property
-  def lengths(self) -> np.ndarray:
-    """int32 (num_examples,): tokens per example."""
-    return np.fromiter((len(ids) for ids in self.input_ids), np.int32, len(self.input_ids))
-
-  def __len__(self) -> int:
-    return len(self.labels)
 
 
 def tokenize_split(dataset: datasets.Dataset, data_config: ml_collections.ConfigDict,
@@ -100,12 +68,7 @@ def tokenize_split(dataset: datasets.Dataset, data_config: ml_collections.Config
 
 
 def _texts(dataset: datasets.Dataset, column: str) -> list[str]:
-  texts = list(dataset[column])
-  for i, text in enumerate(texts):
-    if not isinstance(text, str):
-      raise ConfigError(f"text column {column!r} holds {text!r} ({type(text).__name__}) at "
-                        f"example {i}; expected a string in every example")
-  return texts
+  return sources.check_strings(list(dataset[column]), f"text column {column!r}")
 
 
 def _labels(values: Sequence, column: str, num_labels: int) -> np.ndarray:
@@ -151,84 +114,16 @@ def _tokenize_chunk(tokenizer, texts: list[str], pairs: list[str] | None,
   return as_int32(ids), as_int32(types) if pairs is not None else None, len(long)
 
 
-def bucket_lengths(train_lengths: np.ndarray,
-                   data_config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The padded lengths XLA will see, ascending, the last one `max_length`.
-
-  `data.bucket_lengths`, when set, wins (clipped to max_length). Otherwise
-  `data.num_buckets` boundaries sit at quantiles of the training lengths, so
-  buckets hold similar numbers of examples; they are rounded up to a multiple
-  of 8 for friendlier matmul tiles. `num_buckets=1` pads everything to
-  max_length (the no-bucketing baseline).
-  """
-  max_length = data_config.max_length
-  if data_config.bucket_lengths:
-    chosen = [int(b) for b in data_config.bucket_lengths]
-    if min(chosen) < 1:
-      raise ConfigError(f"data.bucket_lengths is {tuple(data_config.bucket_lengths)}; "
-                        f"expected positive lengths")
-  else:
-    num_buckets = data_config.num_buckets
-    if num_buckets < 1:
-      raise ConfigError(f"data.num_buckets is {num_buckets}; expected at least 1")
-    quantiles = np.quantile(np.asarray(train_lengths), np.arange(1, num_buckets) / num_buckets)
-    chosen = [int(np.ceil(q / 8) * 8) for q in quantiles]
-  return tuple(sorted({min(b, max_length) for b in chosen} | {max_length}))
-
-
-def _bucket_of(lengths: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
-  """Index of the smallest bucket holding each example."""
-  if not buckets or list(buckets) != sorted(set(buckets)):
-    raise ConfigError(f"bucket lengths {buckets} must be distinct and ascending")
-  if len(lengths) and lengths.max() > buckets[-1]:
-    raise ConfigError(f"an example has {lengths.max()} tokens, more than the largest bucket "
-                      f"{buckets[-1]}; tokenise with the same data.max_length as the buckets")
-  return np.searchsorted(np.asarray(buckets), lengths, side="left")
+# Bucketing is shared by every objective's data; these names stay for callers of this module.
+bucket_lengths = batching.bucket_lengths
+TrainIterator = batching.TrainIterator
 
 
 def steps_per_epoch(split: TokenizedSplit, *, global_batch_size: int,
                     buckets: tuple[int, ...]) -> int:
   """Training batches per epoch: a function of the lengths alone."""
-  counts = np.bincount(_bucket_of(split.lengths, buckets), minlength=len(buckets))
-  num_batches, carry = 0, 0
-  for count in counts:
-    num_batches += (count + carry) // global_batch_size
-    carry = (count + carry) % global_batch_size
-  return num_batches
-
-
-def _bucket_plan(order: np.ndarray, bucket_of: np.ndarray, num_buckets: int,
-                 global_batch_size: int) -> list[tuple[int, np.ndarray]]:
-  """Examples in `order` cut into global batches per bucket (step 2 above)."""
-  plan = []
-  carry = np.empty(0, np.int64)
-  for bucket in range(num_buckets):
-    pool = np.concatenate([carry, order[bucket_of[order] == bucket]])
-    num_full = len(pool) // global_batch_size
-    for k in range(num_full):
-      plan.append((bucket, pool[k * global_batch_size:(k + 1) * global_batch_size]))
-    carry = pool[num_full * global_batch_size:]
-  return plan
-
-
-def _epoch_plan(bucket_of: np.ndarray, num_buckets: int, global_batch_size: int, seed: int,
-                epoch: int) -> list[tuple[int, np.ndarray]]:
-  """The epoch's global batches as (bucket index, example indices), in order."""
-  rng = np.random.default_rng([seed, epoch])
-  order = rng.permutation(len(bucket_of))
-  plan = _bucket_plan(order, bucket_of, num_buckets, global_batch_size)
-  return [plan[j] for j in rng.permutation(len(plan))]
-
-
-def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
-  """This process's rows [p*B/P, (p+1)*B/P) of every global batch."""
-  if global_batch_size % process_count:
-    raise ConfigError(f"global batch size {global_batch_size} is not divisible by the "
-                      f"{process_count} processes; expected a multiple of {process_count}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
-  local = global_batch_size // process_count
-  return slice(process_index * local, (process_index + 1) * local)
+  return batching.steps_per_epoch(split.lengths, global_batch_size=global_batch_size,
+                                  buckets=buckets)
 
 
 def _make_batch(split: TokenizedSplit, rows: np.ndarray, length: int, pad_id: int,
@@ -256,76 +151,6 @@ def token_types(batch) -> dict:
   return {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
 
 
-class _TrainPlan:
-  """Global step -> this process's batch; caches the current epoch's plan."""
-
-  def __init__(self, split: TokenizedSplit, global_batch_size: int, buckets: tuple[int, ...],
-               seed: int, rows: slice, pad_id: int):
-    self._split = split
-    self._bucket_of = _bucket_of(split.lengths, buckets)
-    self._buckets = buckets
-    self._global_batch_size = global_batch_size
-    self._seed = seed
-    self._rows = rows
-    self._pad_id = pad_id
-    self.steps_per_epoch = steps_per_epoch(split, global_batch_size=global_batch_size,
-                                           buckets=buckets)
-    self._cache: tuple[int, list] | None = None
-    self._lock = threading.Lock()
-
-  def _plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-    with self._lock:
-      if self._cache is None or self._cache[0] != epoch:
-        self._cache = (epoch, _epoch_plan(self._bucket_of, len(self._buckets),
-                                          self._global_batch_size, self._seed, epoch))
-      return self._cache[1]
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    epoch, j = divmod(int(step), self.steps_per_epoch)
-    bucket, examples = self._plan(epoch)[j]
-    rows = examples[self._rows]
-    return _make_batch(self._split, rows, self._buckets[bucket], self._pad_id,
-                       np.ones(len(rows), np.float32))
-
-
-class TrainIterator:
-  """Training batches with a JSON-serialisable, checked state.
-
-  The state is the next global step plus the plan's identity (seed, batch
-  size, buckets, number of examples): restoring it into an iterator built
-  differently would silently replay other batches, so `set_state` refuses.
-  Process index and count are not part of it: the global plan does not depend
-  on them, so a run may resume on a different number of hosts.
-  """
-
-  def __init__(self, dataset: grain.MapDataset, plan_identity: dict, steps_per_epoch_: int):
-    self._dataset = dataset
-    self._iterator = dataset.to_iter_dataset(_READ_OPTIONS).__iter__()
-    self._identity = plan_identity
-    self.steps_per_epoch = steps_per_epoch_
-    self.num_steps = len(dataset)
-
-  def __iter__(self) -> "TrainIterator":
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
-
-  def get_state(self) -> dict:
-    return {"next_step": int(self._iterator.get_state()["next_index"]), **self._identity}
-
-  def set_state(self, state: dict) -> None:
-    for key, value in self._identity.items():
-      if state.get(key) != value:
-        raise ConfigError(f"data iterator state was saved with {key}={state.get(key)!r}, "
-                          f"this run has {key}={value!r}; expected the same data config to "
-                          f"resume")
-    if not 0 <= state["next_step"] <= self.num_steps:
-      raise ConfigError(f"data iterator state is at step {state['next_step']}, past this "
-                        f"run's {self.num_steps} steps; expected num_epochs to cover it")
-    self._iterator.set_state({"next_index": state["next_step"]})
-
-
 def train_iterator(split: TokenizedSplit, *, global_batch_size: int, buckets: tuple[int, ...],
                    seed: int, num_epochs: int, process_index: int = 0, process_count: int = 1,
                    pad_id: int = 0) -> TrainIterator:
@@ -338,44 +163,29 @@ def train_iterator(split: TokenizedSplit, *, global_batch_size: int, buckets: tu
   per-example caches) and `token_type_ids` (b, L) for sentence pairs. Stops after
   `num_epochs` epochs.
   """
-  rows = _local_rows(global_batch_size, process_index, process_count)
-  if seed < 0:
-    raise ConfigError(f"seed is {seed}; expected a non-negative integer")
-  plan = _TrainPlan(split, global_batch_size, tuple(buckets), seed, rows, pad_id)
-  if plan.steps_per_epoch == 0:
-    raise ConfigError(f"the training split has {len(split)} examples, fewer than one global "
-                      f"batch of {global_batch_size}; expected a smaller batch_size")
-  dataset = grain.MapDataset.range(num_epochs * plan.steps_per_epoch).map(plan)
+  rows = batching.local_rows(global_batch_size, process_index, process_count)
+  plan = batching.EpochPlan(split.lengths, global_batch_size=global_batch_size, buckets=buckets,
+                            seed=seed)
+
+  def batch_at(step: int) -> dict[str, np.ndarray]:
+    length, examples = plan(step)
+    local = examples[rows]
+    return _make_batch(split, local, length, pad_id, np.ones(len(local), np.float32))
+
   identity = {"seed": seed, "global_batch_size": global_batch_size,
               "buckets": list(buckets), "num_examples": len(split)}
-  return TrainIterator(dataset, identity, plan.steps_per_epoch)
+  return batching.train_iterator(batch_at, num_steps=num_epochs * plan.steps_per_epoch,
+                                 identity=identity, steps_per_epoch=plan.steps_per_epoch)
 
 
 def eval_batches(split: TokenizedSplit, *, global_batch_size: int, buckets: tuple[int, ...],
                  process_index: int = 0, process_count: int = 1,
                  pad_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Every example exactly once, grouped by bucket, in a fixed order.
+  """Every example exactly once, grouped by bucket, in a fixed order (`batching.eval_plan`).
 
-  The last batch of each bucket is filled up to `global_batch_size` with rows
-  of weight 0, so there are only len(buckets) shapes and metrics weighted by
-  `weights` count each real example once. A filler row repeats a real example
-  of its batch rather than being all padding: a row with no attended token
-  can turn a softmax into NaN, and NaN * 0 is still NaN.
+  Filler rows that complete a bucket's last batch weigh 0.
   """
-  rows = _local_rows(global_batch_size, process_index, process_count)
-  for length, examples, weights in eval_plan(split.lengths, global_batch_size, buckets):
-    yield _make_batch(split, examples[rows], length, pad_id, weights[rows])
-
-
-def eval_plan(lengths: np.ndarray, global_batch_size: int,
-              buckets: Sequence[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-  """(padded length, example ids, weights) of every global eval batch, filler rows weighing 0."""
-  bucket_of = _bucket_of(lengths, tuple(buckets))
-  for bucket, length in enumerate(buckets):
-    members = np.flatnonzero(bucket_of == bucket)
-    for start in range(0, len(members), global_batch_size):
-      examples = members[start:start + global_batch_size]
-      weights = np.zeros(global_batch_size, np.float32)
-      weights[:len(examples)] = 1
-      filler = np.full(global_batch_size - len(examples), examples[0])
-      yield length, np.concatenate([examples, filler]), weights
+  for length, examples, weights in batching.eval_plan(
+      split.lengths, global_batch_size=global_batch_size, buckets=buckets,
+      process_index=process_index, process_count=process_count):
+    yield _make_batch(split, examples, length, pad_id, weights)

@@ -17,6 +17,7 @@ empty. Anything the user can get wrong raises `ConfigError` with one line.
 import codecs
 import json
 import pathlib
+from collections.abc import Sequence
 
 import datasets
 import ml_collections
@@ -51,13 +52,15 @@ def split_file(path: str, split: str) -> pathlib.Path:
                     f"{split}.json, {split}.csv or {split}.parquet")
 
 
-def load_split(data_config: ml_collections.ConfigDict, split: str) -> datasets.Dataset:
+def load_split(data_config: ml_collections.ConfigDict, split: str, *,
+               max_examples: int = 0) -> datasets.Dataset:
   """Reads `split` from the configured source and checks its columns.
 
   Args:
     data_config: `config.data`.
     split: "train", "validation", ...; for TFDS any split expression
       ("train[:10%]").
+    max_examples: when positive, only the first `max_examples` examples.
 
   Returns:
     The split with at least the text, text-pair (if set) and label columns.
@@ -75,15 +78,16 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> datasets.D
   if len(dataset) == 0:
     raise ConfigError(f"split {split!r} of data source {source!r} is empty; "
                       f"expected at least one example")
-  return dataset
+  return _first(dataset, max_examples)
 
 
-def load_records(path: str, split: str,
-                 data_config: ml_collections.ConfigDict) -> datasets.Dataset:
+def load_records(path: str, split: str, data_config: ml_collections.ConfigDict, *,
+                 max_examples: int = 0) -> datasets.Dataset:
   """A split of instruction records (one task's `path`) with its columns checked.
 
   `path` is a local folder or file ("files"), or a hub dataset id ("hf").
   Records need the output column and the instruction or the input column.
+  With `max_examples` > 0, only the first `max_examples` records.
   """
   source = data_config.source
   if source == "files":
@@ -104,7 +108,23 @@ def load_records(path: str, split: str,
                       f"{data_config.input_column!r}; available columns: {', '.join(columns)}")
   if len(dataset) == 0:
     raise ConfigError(f"the {where} is empty; expected at least one example")
-  return dataset
+  return _first(dataset, max_examples)
+
+
+def _first(dataset: datasets.Dataset, max_examples: int) -> datasets.Dataset:
+  return dataset.select(range(min(max_examples, len(dataset)))) if max_examples else dataset
+
+
+def check_strings(values: Sequence, what: str) -> Sequence:
+  """`values` when every one is a string; else a one-line error naming the first that is not.
+
+  `what` names the values in the error, e.g. "text column 'text'".
+  """
+  for i, value in enumerate(values):
+    if not isinstance(value, str):
+      raise ConfigError(f"{what} holds {value!r} ({type(value).__name__}) at example {i}; "
+                        f"expected a string in every example")
+  return values
 
 
 def required_columns(data_config: ml_collections.ConfigDict) -> list[str]:

@@ -1,4 +1,4 @@
-"""Pieces every decoder family shares: KV cache, masks, positions, pooling.
+"""Pieces every decoder family shares: the forward loop, KV cache, masks, positions.
 
 A decoder forward pass works in *slots*: the positions of a row in the
 (padded) array, or in the cache. Three things decide what a query slot sees:
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.models import layers
+from ftjax.models.outputs import BackboneOutput
 
 
 class Cache(NamedTuple):
@@ -36,17 +37,6 @@ class Cache(NamedTuple):
   v: tuple[jax.Array, ...]  # per layer: (batch, max_len, kv_heads, head_dim)
   mask: jax.Array           # (batch, max_len) bool: the slot holds a real token
   index: jax.Array          # () int32: the next slot to write, the same for every row
-
-
-class DecoderOutput(NamedTuple):
-  # (batch, seq, vocab) for causal_lm, (batch, num_labels) for
-  # classification, None for the bare decoder.
-  logits: jax.Array | None
-  last_hidden_state: jax.Array          # (batch, seq, embed), after the final norm
-  # Embeddings output + each layer's output; the last entry is after the
-  # final norm (it equals last_hidden_state), as transformers returns them.
-  hidden_states: tuple[jax.Array, ...]
-  cache: Cache | None                   # the updated cache, when one was passed
 
 
 def init_cache(*, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
@@ -175,67 +165,20 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask: jax
   return jnp.einsum("bhts,bshd->bthd", probs_bhts, v_bshd)
 
 
-def last_token_index(input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None,
-                     pad_token_id: int | None) -> jax.Array:
-  """(batch,) slot of the token a sequence classifier reads.
-
-  As transformers' *ForSequenceClassification: the rightmost token that is not
-  `pad_token_id` (so left and right padding both work); without a pad id, the
-  rightmost token with attention_mask == 1 (transformers then only allows a
-  batch of one, where that is the last token).
-  """
-  if pad_token_id is not None:
-    real_bt = input_ids_bt != pad_token_id
-  elif attention_mask_bt is not None:
-    real_bt = attention_mask_bt.astype(bool)
-  else:
-    real_bt = jnp.ones(input_ids_bt.shape, bool)
-  slots_t = jnp.arange(input_ids_bt.shape[1], dtype=jnp.int32)
-  return jnp.argmax(slots_t * real_bt, axis=-1)
-
-
-def pool_last(x_bte: jax.Array, index_b: jax.Array) -> jax.Array:
-  """(batch, embed): row b's hidden state at slot index_b[b]."""
-  return jnp.take_along_axis(x_bte, index_b[:, None, None], axis=1)[:, 0]
-
-
-class ClassificationHead(nnx.Module):
-  """transformers' `score`: one bias-free projection of the last real token's state."""
-
-  def __init__(self, hidden_size: int, num_labels: int, *, init_std: float, dtype,
-               rngs: nnx.Rngs):
-    self.out = layers.Dense(hidden_size, num_labels, axes=("embed", "labels"),
-                            init_std=init_std, dtype=dtype, use_bias=False, rngs=rngs)
-
-  def __call__(self, features_be, *, deterministic, rngs):
-    return self.out(features_be, deterministic=deterministic, rngs=rngs)
-
-
-class DecoderModel(nnx.Module):
-  """What every decoder family's top module shares: the forward loop and the heads.
+class DecoderBackbone(nnx.Module):
+  """What every decoder family's backbone shares: the forward loop and the KV cache.
 
   A family sets `config`, `embeddings` (with `word`), `decoder.layers` and
-  `final_norm`, calls `build_head`, and implements `embed` (token ids and
-  positions -> the first hidden state) and `layer_inputs` (what every layer
-  needs from the positions: RoPE's cos/sin, or None). Each layer is called as
+  `final_norm`, and implements `embed` (token ids and positions -> the first
+  hidden state) and `layer_inputs` (what every layer needs from the
+  positions: RoPE's cos/sin, or None). Each layer is called as
   `layer(x, mask, layer_inputs, cache_kv, context, deterministic=, rngs=)`
   and returns `(x, (keys, values))`, the keys and values it attended over.
+  The heads (`ftjax.models.heads`) read what `backbone` returns.
 
-  The config provides hidden_size, vocab_size, num_layers, num_kv_heads,
-  head_dim, initializer_range, tie_word_embeddings, pad_token_id, task,
-  num_labels, dtype and `window(layer)`.
+  The config provides num_layers, num_kv_heads, head_dim, dtype, execution
+  and `window(layer)`.
   """
-
-  def build_head(self, cfg, *, rngs: nnx.Rngs) -> None:
-    dtype = jnp.dtype(cfg.dtype)
-    if cfg.task == "causal_lm" and not cfg.tie_word_embeddings:
-      self.lm_head = layers.Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
-                                  init_std=cfg.initializer_range, dtype=dtype, use_bias=False,
-                                  rngs=rngs)
-    if cfg.task == "classification":
-      self.classifier = ClassificationHead(cfg.hidden_size, cfg.num_labels,
-                                           init_std=cfg.initializer_range, dtype=dtype,
-                                           rngs=rngs)
 
   def embed(self, input_ids_bt, positions_bt, *, deterministic, rngs) -> jax.Array:
     raise NotImplementedError
@@ -243,9 +186,9 @@ class DecoderModel(nnx.Module):
   def layer_inputs(self, positions_bt):
     raise NotImplementedError
 
-  def __call__(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None,
+  def backbone(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None,
                segment_ids_bt=None, cache: Cache | None = None, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> DecoderOutput:
+               rngs: nnx.Rngs | None = None) -> BackboneOutput:
     """Runs the decoder over `input_ids_bt` (batch, t).
 
     `attention_mask_bt` marks real tokens (1) and padding (0); positions
@@ -290,29 +233,8 @@ class DecoderModel(nnx.Module):
     hidden_states = [embedded_bte, *outputs]
     x_bte = self.final_norm(x_bte)
     hidden_states[-1] = x_bte
-    logits = None
-    if cfg.task == "causal_lm":
-      logits = (self.embeddings.word.attend(x_bte) if cfg.tie_word_embeddings
-                else self.lm_head(x_bte, **kw))
-    elif cfg.task == "classification":
-      index_b = last_token_index(input_ids_bt, attention_mask_bt, cfg.pad_token_id)
-      logits = self.classify(pool_last(x_bte, index_b), **kw)
     new_cache = None if cache is None else ctx.updated_cache(keys, values)
-    return DecoderOutput(logits, x_bte, tuple(hidden_states), new_cache)
-
-  def features(self, input_ids_bt, attention_mask_bt=None) -> jax.Array:
-    """(batch, embed): what the classification head reads, in inference mode.
-
-    With a frozen decoder these are fixed per example (feature caching).
-    """
-    out = self(input_ids_bt, attention_mask_bt, deterministic=True)
-    index_b = last_token_index(input_ids_bt, attention_mask_bt, self.config.pad_token_id)
-    return pool_last(out.last_hidden_state, index_b)
-
-  def classify(self, features_be, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    """The head alone: features (batch, embed) -> logits (batch, num_labels)."""
-    return self.classifier(features_be, deterministic=deterministic, rngs=rngs)
+    return BackboneOutput(x_bte, tuple(hidden_states), None, new_cache)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + new)."""

@@ -18,7 +18,7 @@ caller decides which unfilled ones may be newly initialised.
 import dataclasses
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -133,6 +133,27 @@ class KeyTable:
         name = _fill(rule.hf, m)
         return (self.prefix + name if rule.base and task_model else name), rule
     return None
+
+
+def dense_rules(hf: str, flax: str, *, in_dims: int = 1, split_bias: bool = False,
+                bias: bool = True, base: bool = True, optional: bool = False) -> tuple[Rule, ...]:
+  """A PyTorch Linear `hf.{weight,bias}` <-> Flax `flax/{kernel,bias}`.
+
+  `in_dims` 2: the kernel's input is (heads, kv) (an attention output);
+  `split_bias`: Flax keeps the bias per head (a query's (heads, kv) bias).
+  """
+  rules = (Rule(f"{hf}.weight", f"{flax}/kernel", LINEAR_IN2 if in_dims == 2 else LINEAR,
+                base=base, optional=optional),)
+  if bias:
+    rules += (Rule(f"{hf}.bias", f"{flax}/bias", FLATTEN if split_bias else IDENTITY,
+                   base=base, optional=optional),)
+  return rules
+
+
+def norm_rules(hf: str, flax: str, *, bias: bool = True) -> tuple[Rule, ...]:
+  """A LayerNorm `hf.{weight,bias}` <-> Flax `flax/{scale,bias}` (RMSNorm: no bias)."""
+  rules = (Rule(f"{hf}.weight", f"{flax}/scale"),)
+  return rules + ((Rule(f"{hf}.bias", f"{flax}/bias"),) if bias else ())
 
 
 def _fill(template: str, match: re.Match) -> str:

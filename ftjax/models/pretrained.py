@@ -18,7 +18,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,8 +27,9 @@ from absl import logging
 from flax import nnx
 from safetensors.numpy import save_file
 
+from ftjax import files
 from ftjax.errors import CheckpointError, ConfigError
-from ftjax.models import gguf, hub, keymap
+from ftjax.models import gguf, heads, hub, keymap
 from ftjax.models.registry import BASE_TASKS, FAMILIES, Family
 
 Params = dict[str, Any]
@@ -46,13 +46,16 @@ class Model:
   abstract_params: Params
   # Flat "path" -> logical axis names of each parameter.
   param_axes: dict[str, tuple[str, ...]]
-  # LoRA adapters injected into the family's module (ftjax.peft.lora.LoraSpec).
-  lora: Any = None
+  # PEFT adapters injected into the family's module, in stacking order: frozen
+  # dataclasses implementing `ftjax.peft.adapter.Adapter` (models never import
+  # ftjax.peft; they only call `adapter.inject`).
+  adapters: tuple = ()
 
   @classmethod
-  def build(cls, config, lora=None) -> "Model":
+  def build(cls, config, adapters: Iterable = ()) -> "Model":
     family = FAMILIES[config.model_type]
-    module = nnx.eval_shape(lambda: _construct(family, config, lora, nnx.Rngs(0)))
+    adapters = tuple(adapters)
+    module = nnx.eval_shape(lambda: _construct(family, config, adapters, nnx.Rngs(0)))
     graphdef, state = nnx.split(module)
     flat_state = keymap.flatten(nnx.to_pure_dict(state))
     axes = {}
@@ -63,7 +66,7 @@ class Model:
       axes["/".join(map(str, path))] = variable.get_metadata()["logical_axes"]
     assert set(axes) == set(flat_state)
     return cls(config=config, family=family, graphdef=graphdef,
-               abstract_params=nnx.to_pure_dict(state), param_axes=axes, lora=lora)
+               abstract_params=nnx.to_pure_dict(state), param_axes=axes, adapters=adapters)
 
   def init(self, rng: jax.Array, only: Iterable[str] | None = None,
            shardings: Any = None) -> Params:
@@ -74,7 +77,7 @@ class Model:
     keep = None if only is None else set(only)
 
     def init_fn(key):
-      module = _construct(self.family, self.config, self.lora, nnx.Rngs(key))
+      module = _construct(self.family, self.config, self.adapters, nnx.Rngs(key))
       params = nnx.to_pure_dict(nnx.state(module))
       if keep is None:
         return params
@@ -88,7 +91,8 @@ class Model:
     Remat, scanning and activation sharding change how the layers run, not
     what they compute: the parameter tree is the same.
     """
-    return Model.build(dataclasses.replace(self.config, execution=execution), lora=self.lora)
+    return Model.build(dataclasses.replace(self.config, execution=execution),
+                       adapters=self.adapters)
 
   def apply(self, params: Params, *args, method: str | None = None, **kwargs):
     """Runs the model: `model.apply(params, input_ids, attention_mask, ...)`.
@@ -103,11 +107,12 @@ class Model:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))
 
 
-def _construct(family: Family, config, lora, rngs: nnx.Rngs) -> nnx.Module:
+def _construct(family: Family, config, adapters: tuple, rngs: nnx.Rngs) -> nnx.Module:
   module = family.module(config, rngs=rngs)
-  if lora is not None:
-    from ftjax.peft import lora as lora_lib  # pylint: disable=g-import-not-at-top
-    lora_lib.inject(module, lora, rngs=rngs)
+  # In order, from the same Rngs: the first adapter's new parameters draw
+  # their keys first, so a model with one adapter initialises as it always did.
+  for adapter in adapters:
+    adapter.inject(module, rngs=rngs)
   return module
 
 
@@ -240,9 +245,7 @@ def save_pretrained(params: Params, config, out_dir: str | os.PathLike) -> pathl
   interrupted export never leaves a half-written checkpoint behind.
   """
   family = _family(config.model_type, "the config")
-  if config.task == "classification" and getattr(config, "pooling", "pooler") != "pooler":
-    raise CheckpointError(f"pooling={config.pooling!r} has no Hugging Face classification "
-                          f"head to export to; only pooling='pooler' exports")
+  heads.check_export(config)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   flat = {p: np.asarray(jax.device_get(x), dtype=np.float32)
@@ -251,22 +254,11 @@ def save_pretrained(params: Params, config, out_dir: str | os.PathLike) -> pathl
   hf_config = config.to_hf()
   hf_config["architectures"] = [family.architectures[config.task]]
   hf_config["dtype"] = "float32"
-  _atomic_write(out / hub.SAFETENSORS,
-                lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-  _atomic_write(out / hub.CONFIG, lambda path: pathlib.Path(path).write_text(
-      json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+  files.atomic_write(out / hub.SAFETENSORS,
+                     lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+  files.atomic_write_text(out / hub.CONFIG,
+                          json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   return out
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def load_tokenizer(name_or_path: str):

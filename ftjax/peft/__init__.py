@@ -1,1 +1,5 @@
-"""Parameter-efficient fine-tuning: trainable partitions and LoRA."""
+"""Parameter-efficient fine-tuning: trainable partitions and adapters (`ftjax.peft.adapter`)."""
+
+# The built-in adapters register themselves with `ftjax.peft.adapter` on import,
+# so any use of ftjax.peft sees them in the registry.
+from ftjax.peft import lora  # noqa: F401  pylint: disable=unused-import

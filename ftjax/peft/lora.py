@@ -1,4 +1,4 @@
-"""LoRA adapters: inject into a model, add to loaded weights, merge back.
+"""LoRA: an adapter (`ftjax.peft.adapter.Adapter`) that adds a low-rank update to dense layers.
 
 A LoRA layer computes `y = W x + b + (alpha / rank) * B(A(dropout(x)))`
 (Hu et al., 2021) with `A` of shape (in..., rank) and `B` of shape
@@ -20,49 +20,52 @@ paths the parameter tree uses without the final `kernel`.
 Typical use:
 
   model, params = ftjax.models.from_pretrained(name, task="classification")
-  model, params = add_lora(model, params, LoraSpec(rank=8, alpha=16.0), rng)
+  model, params = adapter.add_adapters(model, params, (LoraSpec(rank=8, alpha=16.0),), rng)
   ... train the leaves at lora_paths(params) ...
-  base_model, base_params = merge_lora(model, params)
+  base_model, base_params = adapter.merge_adapters(model, params)
   ftjax.models.save_pretrained(base_params, base_model.config, out_dir)
+
+Registered as "lora" (built from `strategy.lora`), with PEFT's "LORA" format
+for `ftjax.peft.hf_adapter`.
 """
 
 import dataclasses
 import math
 import re
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 from flax import nnx
 
-from ftjax.errors import ConfigError
+from ftjax import models
+from ftjax.errors import CheckpointError, ConfigError
 from ftjax.models import keymap, layers
-from ftjax.models.pretrained import Model, Params
+from ftjax.peft import adapter as adapter_lib
+from ftjax.peft import hf_adapter
+from ftjax.peft.partition import TRAINABLE
 
 # The logical axis name of the rank dimension; sharding rules leave it
 # replicated unless told otherwise (it is tiny).
 LORA_AXIS = "lora"
 _ADAPTER_LEAVES = ("lora_a", "lora_b")
-# The target "all-linear" (PEFT's name): every projection inside the layers,
-# not the embeddings or task heads.
-ALL_LINEAR = "all-linear"
-_ALL_LINEAR_REGEX = r"(encoder|decoder)/layers/\d+/.*"
-
-
-def target_regex(target: str) -> str:
-  """The module-path regex a LoRA target stands for."""
-  return _ALL_LINEAR_REGEX if target == ALL_LINEAR else target
+ALL_LINEAR = adapter_lib.ALL_LINEAR
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-  """Which dense layers get adapters, and their shape.
+  """LoRA as an adapter: which dense layers get one, and its shape.
 
   `targets` are regexes matched with `re.fullmatch` against module paths
   such as `encoder/layers/3/attention/query` (or "all-linear": every
   projection in the layers); every regex must match at least one dense
   layer, so a typo fails loudly instead of training nothing.
   """
+
+  name: ClassVar[str] = "lora"
 
   rank: int
   alpha: float
@@ -82,6 +85,64 @@ class LoraSpec:
   def scale(self) -> float:
     return self.alpha / self.rank
 
+  def inject(self, module: nnx.Module, *, rngs: nnx.Rngs) -> None:
+    """Replaces every targeted `layers.Dense` in `module` with a `LoraDense`, in place."""
+    for path, name, dense in adapter_lib.dense_targets(module, self.targets, "LoRA"):
+      if isinstance(dense, LoraDense):
+        raise ConfigError(f"{name} already has a LoRA adapter; merge_lora first")
+      if type(dense) is not layers.Dense:
+        # LoraDense.from_dense keeps only kernel and bias: another adapter's
+        # layer would silently lose its parameters.
+        raise ConfigError(f"{name} is already adapted ({type(dense).__name__}); LoRA adapts "
+                          f"plain dense layers only")
+      adapter_lib.replace_module(module, path, LoraDense.from_dense(
+          dense, rank=self.rank, alpha=self.alpha, dropout=self.dropout, rngs=rngs))
+
+  def rules(self) -> list[tuple[str, str]]:
+    return [(r".*/lora_[ab]", TRAINABLE)]
+
+  def merge(self, params: keymap.FlatParams) -> keymap.FlatParams:
+    """Folds each of this spec's adapters into its kernel: W + (alpha/rank) A B."""
+    flat = dict(params)
+    for prefix in self._adapted(flat):
+      lora_a, lora_b = flat.pop(prefix + "lora_a"), flat.pop(prefix + "lora_b")
+      kernel = flat[prefix + "kernel"]
+      # (in..., rank) x (rank, out...) -> (in..., out...), in full float32 even
+      # where matmuls default to bfloat16 passes (TPU).
+      delta = jnp.tensordot(lora_a, lora_b, axes=1, precision=jax.lax.Precision.HIGHEST)
+      flat[prefix + "kernel"] = (kernel + self.scale * delta).astype(kernel.dtype)
+    return flat
+
+  def to_peft(self, model, params: keymap.FlatParams) -> tuple[dict, dict[str, np.ndarray]]:
+    """PEFT's LORA: `<module>.lora_A.weight` (rank, in), `<module>.lora_B.weight` (out, rank).
+
+    PEFT's update `(lora_alpha / r) * B A x` is this one's `(alpha / rank) * x A B`.
+    GPT-2's fused c_attn is one kernel, hence one adapter, as in PEFT.
+    """
+    tensors, modules = {}, []
+    for prefix in self._adapted(params):
+      module, _ = hf_adapter.hf_module(model, prefix + "kernel")
+      lora_a = np.asarray(params[prefix + "lora_a"], np.float32)
+      lora_b = np.asarray(params[prefix + "lora_b"], np.float32)
+      rank = lora_a.shape[-1]
+      # The kernel's input axes flatten to PEFT's `in`, its output axes to `out`.
+      tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(lora_a.reshape(-1, rank).T)
+      tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(lora_b.reshape(rank, -1).T)
+      modules.append(module)
+    config = {
+        "peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha,
+        "lora_dropout": self.dropout, "target_modules": hf_adapter.target_modules(model, modules),
+        "bias": "none", "fan_in_fan_out": model.config.model_type == "gpt2",
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+    }
+    return config, tensors
+
+  def _adapted(self, params: keymap.FlatParams) -> list[str]:
+    """Path prefixes ("encoder/layers/0/attention/query/") of this spec's adapters."""
+    patterns = [re.compile(adapter_lib.target_regex(t)) for t in self.targets]
+    return [p[:-len("lora_a")] for p in params if p.endswith("/lora_a")
+            and any(pattern.fullmatch(p[:-len("/lora_a")]) for pattern in patterns)]
+
 
 def _validate(spec: LoraSpec) -> None:
   """Raises a one-line ConfigError naming the first bad value of `spec`."""
@@ -91,13 +152,7 @@ def _validate(spec: LoraSpec) -> None:
     raise ConfigError(f"LoRA alpha {spec.alpha}; expected > 0")
   if not 0.0 <= spec.dropout < 1.0:
     raise ConfigError(f"LoRA dropout {spec.dropout}; expected 0 <= dropout < 1")
-  if not spec.targets:
-    raise ConfigError("LoRA targets are empty; expected at least one module-path regex")
-  for target in spec.targets:
-    try:
-      re.compile(target_regex(target))
-    except re.error as e:
-      raise ConfigError(f"LoRA target {target!r} is not a valid regex: {e}") from None
+  adapter_lib.check_targets(spec.targets, "LoRA")
 
 
 def _lora_a_init(key: jax.Array, shape: tuple[int, ...], dtype, fan_in: int) -> jax.Array:
@@ -168,82 +223,79 @@ class LoraDense(layers.Dense):
     return out + jnp.asarray(self.scale, delta.dtype) * delta
 
 
-def inject(module: nnx.Module, spec: LoraSpec, *, rngs: nnx.Rngs) -> None:
-  """Replaces every targeted `layers.Dense` in `module` with a `LoraDense`, in place.
-
-  Called by `Model.build(config, lora=spec)` right after the family's module
-  is built (under `nnx.eval_shape`, or inside a jitted init), so it must not
-  look at parameter values.
-  """
-  patterns = [re.compile(target_regex(t)) for t in spec.targets]  # Validated by LoraSpec.
-  dense_paths = [(path, m) for path, m in nnx.iter_modules(module)
-                 if isinstance(m, layers.Dense)]
-  names = {path: "/".join(map(str, path)) for path, _ in dense_paths}
-  for target, pattern in zip(spec.targets, patterns):
-    if not any(pattern.fullmatch(name) for name in names.values()):
-      examples = ", ".join(repr(n) for n in list(names.values())[:3])
-      raise ConfigError(f"LoRA target {target!r} matches no dense layer (targets are "
-                        f"re.fullmatch'ed against module paths such as {examples})")
-  for path, dense in dense_paths:
-    if not any(p.fullmatch(names[path]) for p in patterns):
-      continue
-    if isinstance(dense, LoraDense):
-      raise ConfigError(f"{names[path]} already has a LoRA adapter; merge_lora first")
-    lora = LoraDense.from_dense(dense, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
-                                rngs=rngs)
-    parent = module
-    for key in path[:-1]:
-      parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    if isinstance(path[-1], int):
-      parent[path[-1]] = lora
-    else:
-      setattr(parent, path[-1], lora)
-
-
-def lora_paths(params: Params) -> list[str]:
+def lora_paths(params) -> list[str]:
   """Flat paths ("a/b/0/lora_a") of the adapter leaves in `params`."""
   return [p for p in keymap.flatten(params) if p.rsplit("/", 1)[-1] in _ADAPTER_LEAVES]
 
 
-def add_lora(model: Model, params: Params, spec: LoraSpec,
-             rng: jax.Array) -> tuple[Model, Params]:
-  """(model, params) with adapters added: base weights kept, A random, B zero.
-
-  Only the adapter leaves are initialised (XLA drops the rest of the init),
-  so this is cheap even for a large model.
-  """
-  if model.lora is not None:
-    raise ConfigError(f"the model already has LoRA adapters ({model.lora}); merge_lora first")
-  lora_model = Model.build(model.config, lora=spec)
-  adapters = lora_paths(lora_model.abstract_params)
-  flat = dict(keymap.flatten(params))
-  expected = set(keymap.flatten(lora_model.abstract_params)) - set(adapters)
-  if set(flat) != expected:
-    odd = sorted(set(flat) ^ expected)
-    raise ValueError(f"params do not fit the model {model.config.model_type}: {odd[:3]}")
-  flat.update(lora_model.init(rng, only=adapters))
-  return lora_model, keymap.unflatten(flat, lora_model.abstract_params)
+def add_lora(model: models.Model, params, spec: LoraSpec,
+             rng: jax.Array) -> tuple[models.Model, dict]:
+  """`adapter.add_adapters(model, params, (spec,), rng)`: base weights kept, A random, B zero."""
+  if any(isinstance(a, LoraSpec) for a in model.adapters):
+    raise ConfigError(f"the model already has LoRA adapters ({model.adapters}); merge_lora first")
+  return adapter_lib.add_adapters(model, params, (spec,), rng)
 
 
-def merge_lora(model: Model, params: Params) -> tuple[Model, Params]:
-  """Folds each adapter into its kernel: W + (alpha/rank) A B; returns the base model.
-
-  The result has exactly the base model's parameter tree, so it can be
-  exported with `ftjax.models.save_pretrained` and loaded by transformers.
-  """
-  if model.lora is None:
+def merge_lora(model: models.Model, params) -> tuple[models.Model, dict]:
+  """`adapter.merge_adapters` for a LoRA model: the base model and its merged params."""
+  if not any(isinstance(a, LoraSpec) for a in model.adapters):
     raise ConfigError("merge_lora needs a model with LoRA adapters; this one has none")
-  scale = model.lora.scale
-  flat = dict(keymap.flatten(params))
-  for path in lora_paths(params):
-    if not path.endswith("/lora_a"):
+  return adapter_lib.merge_adapters(model, params)
+
+
+def from_peft(model: models.Model, config: dict, tensors: dict[str, np.ndarray],
+              where: str) -> tuple[LoraSpec, keymap.FlatParams, dict[str, np.ndarray]]:
+  """(spec, adapter values, other tensors) of a PEFT LORA adapter for the base `model`.
+
+  The adapter's modules become exact targets. Refuses what this LoRA does not
+  compute (rsLoRA, DoRA, per-module ranks or alphas, trained biases).
+  """
+  for key in ("use_rslora", "use_dora"):
+    if config.get(key, False):
+      raise CheckpointError(f"{where} sets {key}={config[key]}; ftjax's LoRA supports plain "
+                            f"LoRA only")
+  for key in ("rank_pattern", "alpha_pattern"):
+    if config.get(key):
+      raise CheckpointError(f"{where} sets {key}; expected one rank and alpha for every module")
+  if config.get("bias", "none") != "none":
+    raise CheckpointError(f"{where} sets bias={config['bias']!r}; expected 'none'")
+  pairs: dict[str, dict[str, np.ndarray]] = {}
+  rest = {}
+  for name, value in tensors.items():
+    m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+    if not m:
+      rest[name] = value
       continue
-    prefix = path[:-len("lora_a")]
-    lora_a, lora_b = flat.pop(prefix + "lora_a"), flat.pop(prefix + "lora_b")
-    kernel = flat[prefix + "kernel"]
-    # (in..., rank) x (rank, out...) -> (in..., out...), in full float32 even
-    # where matmuls default to bfloat16 passes (TPU).
-    delta = jnp.tensordot(lora_a, lora_b, axes=1, precision=jax.lax.Precision.HIGHEST)
-    flat[prefix + "kernel"] = (kernel + scale * delta).astype(kernel.dtype)
-  base = Model.build(model.config)
-  return base, keymap.unflatten(flat, base.abstract_params)
+    target = model.family.table.match_hf(m.group(1) + ".weight")
+    if target is None or not target[0].endswith("/kernel"):
+      raise CheckpointError(f"adapter tensor {name!r}: no {model.config.model_type} projection "
+                            f"is named {m.group(1)!r}")
+    pairs.setdefault(target[0][:-len("kernel")], {})[m.group(2)] = value
+  if not pairs:
+    raise CheckpointError(f"{where} holds no lora_A/lora_B tensors")
+  spec = LoraSpec(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                  dropout=float(config.get("lora_dropout", 0.0)),
+                  targets=tuple(re.escape(p.rstrip("/")) for p in sorted(pairs)))
+  shapes = keymap.flatten(models.Model.build(model.config, adapters=(spec,)).abstract_params)
+  values = {}
+  for prefix, pair in pairs.items():
+    if set(pair) != {"A", "B"}:
+      raise CheckpointError(f"adapter of {prefix.rstrip('/')!r} lacks lora_{'AB'[len(pair) % 2]}")
+    a_shape, b_shape = shapes[prefix + "lora_a"].shape, shapes[prefix + "lora_b"].shape
+    lora_a, lora_b = pair["A"].T, pair["B"].T
+    if lora_a.shape != (math.prod(a_shape[:-1]), a_shape[-1]) or \
+        lora_b.shape != (b_shape[0], math.prod(b_shape[1:])):
+      raise CheckpointError(f"adapter of {prefix.rstrip('/')!r} has lora_A {pair['A'].shape}, "
+                            f"lora_B {pair['B'].shape}; the model needs rank {spec.rank} "
+                            f"adapters of a {a_shape[:-1]} -> {b_shape[1:]} projection")
+    values[prefix + "lora_a"] = lora_a.reshape(a_shape).astype(np.float32)
+    values[prefix + "lora_b"] = lora_b.reshape(b_shape).astype(np.float32)
+  return spec, values, rest
+
+
+def _from_strategy(strategy: ml_collections.ConfigDict) -> LoraSpec:
+  s = strategy.lora
+  return LoraSpec(rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=tuple(s.targets))
+
+
+adapter_lib.register("lora", _from_strategy, peft_type="LORA", from_peft=from_peft)

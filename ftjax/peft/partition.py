@@ -23,6 +23,7 @@ import ml_collections
 
 from ftjax.errors import ConfigError
 from ftjax.models import keymap
+from ftjax.peft import adapter as adapter_lib
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 Rules = Sequence[tuple[str, str]]
@@ -33,8 +34,16 @@ HEAD_PREFIXES = ("classifier/",)
 
 
 def strategy_rules(strategy: ml_collections.ConfigDict, *, num_layers: int) -> list[tuple[str, str]]:
-  """The rules a strategy stands for, after the user's own `strategy.rules`."""
+  """The rules a strategy stands for, after the user's own `strategy.rules`.
+
+  Order of precedence: the user's rules, then the rules of the strategy's
+  adapters (`adapter.from_config`: LoRA's factors, ...), then the strategy's
+  own, so a frozen layer range or a (".*", frozen) catch-all never freezes the
+  adapters a run asked for.
+  """
   rules = [tuple(rule) for rule in strategy.rules]
+  for adapter in adapter_lib.from_config(strategy):
+    rules += [tuple(rule) for rule in adapter.rules()]
   name = strategy.name
   if name == "full":
     rules.append((".*", TRAINABLE))
@@ -52,7 +61,8 @@ def strategy_rules(strategy: ml_collections.ConfigDict, *, num_layers: int) -> l
   elif name == "head_only":
     rules += [(HEAD, TRAINABLE), (".*", FROZEN)]
   elif name == "lora":
-    rules += [(r".*/lora_[ab]", TRAINABLE), (HEAD, TRAINABLE), (".*", FROZEN)]
+    # The adapters' rules came first; as head_only, plus those.
+    rules += [(HEAD, TRAINABLE), (".*", FROZEN)]
   else:
     raise ConfigError(f"strategy.name={name!r}; expected one of full, freeze, head_only, lora")
   return rules

@@ -2,11 +2,10 @@
 
 The three share one post-LayerNorm transformer encoder and one parameter tree;
 they differ only in how positions are numbered, whether token types exist, and
-the shape of the classification head:
-
-  BERT        pooler = tanh(dense(h[:, 0]))      -> dropout -> classifier/out
-  RoBERTa     dropout -> tanh(classifier/dense(h[:, 0])) -> dropout -> classifier/out
-  DistilBERT  relu(classifier/dense(h[:, 0]))   -> dropout -> classifier/out
+the shape of their classification head, which lives with the other heads in
+`ftjax.models.heads` (style = model_type). `BertBackbone` returns hidden
+states and, where it has one, BERT's pooler output tanh(dense(h[:, 0]));
+`BertFamilyModel` adds the head the config's task selects.
 
 Parameter tree (the names partition rules, LoRA targets and sharding use):
 
@@ -16,18 +15,18 @@ Parameter tree (the names partition rules, LoRA targets and sharding use):
   encoder/layers/{i}/mlp/{up,down}/{kernel,bias}
   encoder/layers/{i}/mlp_norm/{scale,bias}
   pooler/{kernel,bias}                       (BERT; RoBERTa's base model)
-  classifier/dense/{kernel,bias}             (RoBERTa, DistilBERT)
-  classifier/out/{kernel,bias}
+  classifier/dense/{kernel,bias}             (head: RoBERTa, DistilBERT)
+  classifier/out/{kernel,bias}               (head)
 """
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax.models import layers
+from ftjax.models import headed, heads, hf_config, layers
+from ftjax.models.outputs import BackboneOutput
 
 MODEL_TYPES = ("bert", "roberta", "distilbert")
 
@@ -51,7 +50,8 @@ class EncoderConfig:
   classifier_dropout: float = 0.1
   pad_token_id: int = 0
   initializer_range: float = 0.02
-  # What the model computes: "encoder" (hidden states) or "classification".
+  # What the model computes: "encoder" (the bare backbone) or a task whose
+  # head `ftjax.models.heads` defines ("classification").
   task: str = "encoder"
   num_labels: int = 2
   # What the classifier reads: "pooler" (the HF head as pre-trained), "cls"
@@ -75,7 +75,7 @@ class EncoderConfig:
   def from_hf(cls, hf: dict, *, task: str, num_labels: int | None, dtype: str,
               pooling: str = "pooler") -> "EncoderConfig":
     model_type = hf["model_type"]
-    labels = num_labels if num_labels is not None else len(hf.get("id2label") or {}) or 2
+    pooling = heads.SequenceClassifier.check_pooling(model_type, pooling)
     if model_type == "distilbert":
       fields = dict(
           vocab_size=hf["vocab_size"], hidden_size=hf["dim"], num_layers=hf["n_layers"],
@@ -101,16 +101,15 @@ class EncoderConfig:
           pad_token_id=hf.get("pad_token_id", 0) or 0,
           # A classifier reads the pooler only as BERT's HF head does;
           # RoBERTa's head replaces the pooler with its own dense layer.
-          has_pooler=task != "classification" or (model_type == "bert" and pooling == "pooler"))
-    used = _HF_FIELDS[model_type]
-    extra = tuple(sorted((k, _freeze(v)) for k, v in hf.items() if k not in used))
+          has_pooler=heads.keeps_pooler(task, model_type, pooling))
     return cls(model_type=model_type, initializer_range=hf.get("initializer_range", 0.02),
-               task=task, num_labels=labels, dtype=dtype, pooling=pooling, hf_extra=extra,
+               task=task, num_labels=heads.num_labels(hf, num_labels), dtype=dtype,
+               pooling=pooling, hf_extra=hf_config.extra_fields(hf, _HF_FIELDS[model_type]),
                **fields)
 
   def to_hf(self) -> dict:
     """The Hugging Face config.json contents for this architecture."""
-    hf = {k: _thaw(v) for k, v in self.hf_extra}
+    hf = hf_config.restore(self.hf_extra)
     if self.model_type == "distilbert":
       hf.update(dim=self.hidden_size, n_layers=self.num_layers, n_heads=self.num_heads,
                 hidden_dim=self.intermediate_size, activation=self.hidden_act,
@@ -126,12 +125,7 @@ class EncoderConfig:
     hf.update(model_type=self.model_type, vocab_size=self.vocab_size,
               max_position_embeddings=self.max_position_embeddings,
               pad_token_id=self.pad_token_id, initializer_range=self.initializer_range)
-    if self.task == "classification":
-      id2label = hf.get("id2label") or {}
-      if len(id2label) != self.num_labels:
-        id2label = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-      hf["id2label"] = id2label
-      hf["label2id"] = {v: int(k) for k, v in id2label.items()}
+    hf.update(heads.hf_config(self.task, hf, self.num_labels))
     return hf
 
 
@@ -147,29 +141,6 @@ _HF_FIELDS = {
                                  "attention_probs_dropout_prob", "classifier_dropout"},
 }
 _HF_FIELDS["roberta"] = _HF_FIELDS["bert"]
-
-
-def _freeze(value):
-  if isinstance(value, dict):
-    return ("__dict__", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
-  if isinstance(value, list):
-    return ("__list__", tuple(_freeze(v) for v in value))
-  return value
-
-
-def _thaw(value):
-  if isinstance(value, tuple) and len(value) == 2 and value[0] == "__dict__":
-    return {k: _thaw(v) for k, v in value[1]}
-  if isinstance(value, tuple) and len(value) == 2 and value[0] == "__list__":
-    return [_thaw(v) for v in value[1]]
-  return value
-
-
-class EncoderOutput(NamedTuple):
-  last_hidden_state: jax.Array          # (batch, seq, embed)
-  hidden_states: tuple[jax.Array, ...]  # embeddings output + every layer's output
-  pooled: jax.Array | None              # BERT pooler output, (batch, embed)
-  logits: jax.Array | None              # (batch, num_labels) for classification
 
 
 class Embeddings(nnx.Module):
@@ -267,36 +238,8 @@ class Encoder(nnx.Module):
     self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
 
-class ClassificationHead(nnx.Module):
-  """RoBERTa's and DistilBERT's head (dense + out); otherwise dropout + out.
-
-  BERT's HF head reads the pooler, so its head is only `out`; with `cls` or
-  `mean` pooling every family reads the features directly.
-  """
-
-  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
-    dtype, std = jnp.dtype(cfg.dtype), cfg.initializer_range
-    if cfg.model_type in ("roberta", "distilbert") and cfg.pooling == "pooler":
-      self.dense = layers.Dense(cfg.hidden_size, cfg.hidden_size, axes=("embed", "embed_out"),
-                                init_std=std, dtype=dtype, rngs=rngs)
-    self.out = layers.Dense(cfg.hidden_size, cfg.num_labels, axes=("embed", "labels"),
-                            init_std=std, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.classifier_dropout)
-    self.model_type = cfg.model_type
-
-  def __call__(self, features_be, *, deterministic, rngs):
-    x_be = features_be
-    if hasattr(self, "dense") and self.model_type == "roberta":
-      x_be = self.dropout(x_be, deterministic=deterministic, rngs=rngs)
-      x_be = jnp.tanh(self.dense(x_be))
-    elif hasattr(self, "dense"):  # DistilBERT
-      x_be = jax.nn.relu(self.dense(x_be))
-    x_be = self.dropout(x_be, deterministic=deterministic, rngs=rngs)
-    return self.out(x_be)
-
-
-class BertFamilyModel(nnx.Module):
-  """Embeddings + encoder, with BERT's pooler and a classification head as configured."""
+class BertBackbone(nnx.Module):
+  """Embeddings + encoder (+ BERT's pooler where the config keeps it): hidden states."""
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -306,11 +249,9 @@ class BertFamilyModel(nnx.Module):
       self.pooler = layers.Dense(cfg.hidden_size, cfg.hidden_size, axes=("embed", "embed_out"),
                                  init_std=cfg.initializer_range, dtype=jnp.dtype(cfg.dtype),
                                  rngs=rngs)
-    if cfg.task == "classification":
-      self.classifier = ClassificationHead(cfg, rngs=rngs)
 
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> EncoderOutput:
+  def backbone(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> BackboneOutput:
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     mask = layers.padding_mask(attention_mask)
@@ -323,36 +264,13 @@ class BertFamilyModel(nnx.Module):
 
     x_bse, outputs = layers.run_layers(self.encoder.layers, x_bse, run_layer,
                                        execution=self.config.execution, rngs=rngs)
-    hidden_states = [embedded_bse, *outputs]
     pooled_be = jnp.tanh(self.pooler(x_bse[:, 0])) if hasattr(self, "pooler") else None
-    logits = None
-    if self.config.task == "classification":
-      features_be = _pool(self.config, x_bse, pooled_be, attention_mask)
-      logits = self.classify(features_be, deterministic=deterministic, rngs=rngs)
-    return EncoderOutput(x_bse, tuple(hidden_states), pooled_be, logits)
-
-  def features(self, input_ids, attention_mask=None, token_type_ids=None) -> jax.Array:
-    """(batch, embed): what the classification head reads, in inference mode.
-
-    With a frozen encoder these are fixed per example, so head-only training
-    can compute them once and train `classify` on them (feature caching).
-    """
-    if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
-    out = self(input_ids, attention_mask, token_type_ids, deterministic=True)
-    return _pool(self.config, out.last_hidden_state, out.pooled, attention_mask)
-
-  def classify(self, features_be, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    """The head alone: features (batch, embed) -> logits (batch, num_labels)."""
-    return self.classifier(features_be, deterministic=deterministic, rngs=rngs)
+    return BackboneOutput(x_bse, (embedded_bse, *outputs), pooled_be)
 
 
-def _pool(cfg: EncoderConfig, x_bse, pooled_be, attention_mask_bs):
-  """The features the classifier reads (see `EncoderConfig.pooling`)."""
-  if cfg.pooling == "mean":
-    mask_bs1 = attention_mask_bs[..., None].astype(x_bse.dtype)
-    return (x_bse * mask_bs1).sum(axis=1) / jnp.maximum(mask_bs1.sum(axis=1), 1)
-  if cfg.pooling == "pooler" and cfg.model_type == "bert":
-    return pooled_be
-  return x_bse[:, 0]
+class BertFamilyModel(BertBackbone, headed.HeadedModel):
+  """The backbone with the head the config's task selects (`ftjax.models.heads`)."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.attach_head(cfg, cfg.model_type, word_embedding=self.embeddings.word, rngs=rngs)

@@ -1,7 +1,8 @@
 """GPT-2 in Flax NNX: a pre-LayerNorm decoder with learned positions.
 
-It shares the forward loop, masks, KV cache and heads with the Llama family
-(`ftjax.models.decoder.DecoderModel`); what differs is GPT-2's own: learned
+It shares the forward loop, masks and KV cache with the Llama family
+(`ftjax.models.decoder.DecoderBackbone`) and its heads too (`ftjax.models.heads`,
+style "decoder"); what differs is GPT-2's own: learned
 position embeddings, LayerNorm with biases, a fused q/k/v projection, a plain
 GELU MLP, and dropout after the embeddings, in attention and on each residual
 branch (GPT-2 was pre-trained with 0.1 everywhere).
@@ -16,8 +17,8 @@ Parameter tree:
   decoder/layers/{i}/mlp/up/{kernel,bias}            (embed, mlp)
   decoder/layers/{i}/mlp/down/{kernel,bias}          (mlp, embed)
   final_norm/{scale,bias}
-  lm_head/kernel                                     (embed, vocab)   untied causal_lm
-  classifier/out/kernel                              (embed, labels)  classification
+  lm_head/kernel                                     (embed, vocab)   head: untied causal_lm
+  classifier/out/kernel                              (embed, labels)  head: classification
 
 The fused q/k/v kernel keeps GPT-2's `c_attn` as one tensor (the key table
 stays one rule per tensor); its `qkv` axis (size 3) is never sharded. LoRA
@@ -32,9 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.errors import ConfigError
-from ftjax.models import decoder, layers
-# The encoder's helpers for keeping unused config.json fields hashable.
-from ftjax.models.bert.model import _freeze, _thaw  # pylint: disable=protected-access
+from ftjax.models import decoder, headed, heads, hf_config, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +89,11 @@ class Gpt2Config:
               pooling: str = "pooler") -> "Gpt2Config":
     if hf["model_type"] != "gpt2":
       raise ConfigError(f"model_type {hf['model_type']!r} is not GPT-2")
-    if pooling not in ("pooler", "last"):
-      raise ConfigError(f"pooling={pooling!r}; decoders classify from the last non-padding "
-                        f"token: expected 'pooler' or 'last'")
+    pooling = heads.SequenceClassifier.check_pooling("decoder", pooling)
     if hf.get("add_cross_attention"):
       raise ConfigError("add_cross_attention=True (GPT-2 as an encoder-decoder's decoder) is "
                         "not supported; expected false")
     hidden = hf.get("n_embd", 768)
-    labels = num_labels if num_labels is not None else len(hf.get("id2label") or {}) or 2
-    extra = tuple(sorted((k, _freeze(v)) for k, v in hf.items() if k not in _HF_FIELDS))
     return cls(
         vocab_size=hf.get("vocab_size", 50257), hidden_size=hidden,
         num_layers=hf.get("n_layer", 12), num_heads=hf.get("n_head", 12),
@@ -112,11 +107,12 @@ class Gpt2Config:
         scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
         tie_word_embeddings=hf.get("tie_word_embeddings", True),
         pad_token_id=hf.get("pad_token_id"), initializer_range=hf.get("initializer_range", 0.02),
-        task=task, num_labels=labels, pooling="pooler", dtype=dtype, hf_extra=extra)
+        task=task, num_labels=heads.num_labels(hf, num_labels), pooling=pooling, dtype=dtype,
+        hf_extra=hf_config.extra_fields(hf, _HF_FIELDS))
 
   def to_hf(self) -> dict:
     """The Hugging Face config.json contents for this architecture."""
-    hf = {k: _thaw(v) for k, v in self.hf_extra}
+    hf = hf_config.restore(self.hf_extra)
     hf.update(
         model_type="gpt2", vocab_size=self.vocab_size, n_embd=self.hidden_size,
         n_layer=self.num_layers, n_head=self.num_heads,
@@ -128,12 +124,7 @@ class Gpt2Config:
         scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx,
         tie_word_embeddings=self.tie_word_embeddings, pad_token_id=self.pad_token_id,
         initializer_range=self.initializer_range)
-    if self.task == "classification":
-      id2label = hf.get("id2label") or {}
-      if len(id2label) != self.num_labels:
-        id2label = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-      hf["id2label"] = id2label
-      hf["label2id"] = {v: int(k) for k, v in id2label.items()}
+    hf.update(heads.hf_config(self.task, hf, self.num_labels))
     return hf
 
 
@@ -234,8 +225,8 @@ class Decoder(nnx.Module):
     self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
 
 
-class Gpt2Model(decoder.DecoderModel):
-  """Token + position embeddings, decoder, final LayerNorm, and the task's head."""
+class Gpt2Backbone(decoder.DecoderBackbone):
+  """Token + position embeddings, decoder, final LayerNorm: hidden states."""
 
   def __init__(self, cfg: Gpt2Config, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -243,7 +234,6 @@ class Gpt2Model(decoder.DecoderModel):
     self.decoder = Decoder(cfg, rngs=rngs)
     self.final_norm = layers.layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps,
                                         dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-    self.build_head(cfg, rngs=rngs)
 
   def embed(self, input_ids_bt, positions_bt, *, deterministic, rngs):
     return self.embeddings(input_ids_bt, positions_bt, deterministic=deterministic, rngs=rngs)
@@ -251,3 +241,11 @@ class Gpt2Model(decoder.DecoderModel):
   def layer_inputs(self, positions_bt):
     del positions_bt
     return None
+
+
+class Gpt2Model(Gpt2Backbone, headed.HeadedModel):
+  """The backbone with the head the config's task selects (`ftjax.models.heads`)."""
+
+  def __init__(self, cfg: Gpt2Config, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.attach_head(cfg, "decoder", word_embedding=self.embeddings.word, rngs=rngs)

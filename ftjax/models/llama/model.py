@@ -21,8 +21,11 @@ Parameter tree (the names partition rules, LoRA targets and sharding use):
   decoder/layers/{i}/mlp/{gate,up}/kernel            (embed, mlp)
   decoder/layers/{i}/mlp/down/kernel                 (mlp, embed)
   final_norm/scale
-  lm_head/kernel                                     (embed, vocab)   untied causal_lm
-  classifier/out/kernel                              (embed, labels)  classification
+  lm_head/kernel                                     (embed, vocab)   head: untied causal_lm
+  classifier/out/kernel                              (embed, labels)  head: classification
+
+`LlamaBackbone` returns hidden states; `LlamaFamilyModel` adds the head the
+config's task selects (`ftjax.models.heads`, style "decoder").
 """
 
 import dataclasses
@@ -35,9 +38,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.errors import ConfigError
-from ftjax.models import decoder, layers
-# The encoder's helpers for keeping unused config.json fields hashable.
-from ftjax.models.bert.model import _freeze, _thaw  # pylint: disable=protected-access
+from ftjax.models import decoder, headed, heads, hf_config, layers
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TASKS = ("decoder", "causal_lm", "classification")
@@ -104,17 +105,15 @@ class DecoderConfig:
     if model_type not in MODEL_TYPES:
       raise ConfigError(f"model_type {model_type!r} is not a Llama-family decoder; expected one "
                         f"of {MODEL_TYPES}")
-    if pooling not in ("pooler", "last"):
-      raise ConfigError(f"pooling={pooling!r}; decoders classify from the last non-padding "
-                        f"token: expected 'pooler' or 'last'")
+    pooling = heads.SequenceClassifier.check_pooling("decoder", pooling)
     used = set(_COMMON_HF_FIELDS)
-    heads = hf["num_attention_heads"]
-    kv_heads = hf.get("num_key_value_heads") or heads
-    if heads % kv_heads:
+    num_heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or num_heads
+    if num_heads % kv_heads:
       raise ConfigError(f"num_key_value_heads={kv_heads} does not divide "
-                        f"num_attention_heads={heads}")
+                        f"num_attention_heads={num_heads}")
     head_dim = hf.get("head_dim") or (128 if model_type == "qwen3"
-                                      else hf["hidden_size"] // heads)
+                                      else hf["hidden_size"] // num_heads)
     bias = bool(hf.get("attention_bias", False))
     switches = dict(
         llama=dict(qkv_bias=bias, output_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False))),
@@ -126,11 +125,9 @@ class DecoderConfig:
     window, layer_types = _sliding_window(hf, model_type)
     if model_type != "llama":
       used |= {"sliding_window", "layer_types"}
-    labels = num_labels if num_labels is not None else len(hf.get("id2label") or {}) or 2
-    extra = tuple(sorted((k, _freeze(v)) for k, v in hf.items() if k not in used))
     return cls(
         model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=kv_heads,
+        num_layers=hf["num_hidden_layers"], num_heads=num_heads, num_kv_heads=kv_heads,
         head_dim=head_dim, intermediate_size=hf["intermediate_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         hidden_act=hf.get("hidden_act", "silu"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -138,12 +135,13 @@ class DecoderConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_dropout=hf.get("attention_dropout", 0.0) or 0.0,
         pad_token_id=hf.get("pad_token_id"),
-        initializer_range=hf.get("initializer_range", 0.02), task=task, num_labels=labels,
-        pooling="pooler", dtype=dtype, hf_extra=extra, **switches)
+        initializer_range=hf.get("initializer_range", 0.02), task=task,
+        num_labels=heads.num_labels(hf, num_labels), pooling=pooling, dtype=dtype,
+        hf_extra=hf_config.extra_fields(hf, used), **switches)
 
   def to_hf(self) -> dict:
     """The Hugging Face config.json contents for this architecture."""
-    hf = {k: _thaw(v) for k, v in self.hf_extra}
+    hf = hf_config.restore(self.hf_extra)
     hf.update(
         model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
         intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
@@ -169,12 +167,7 @@ class DecoderConfig:
       hf["sliding_window"] = self.sliding_window
     if self.model_type in ("qwen2", "qwen3"):
       hf["layer_types"] = list(self.layer_types)
-    if self.task == "classification":
-      id2label = hf.get("id2label") or {}
-      if len(id2label) != self.num_labels:
-        id2label = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-      hf["id2label"] = id2label
-      hf["label2id"] = {v: int(k) for k, v in id2label.items()}
+    hf.update(heads.hf_config(self.task, hf, self.num_labels))
     return hf
 
 
@@ -342,8 +335,8 @@ class Decoder(nnx.Module):
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
 
-class LlamaFamilyModel(decoder.DecoderModel):
-  """Token embeddings + decoder + final RMSNorm, with the task's head."""
+class LlamaBackbone(decoder.DecoderBackbone):
+  """Token embeddings + decoder + final RMSNorm: hidden states."""
 
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -351,7 +344,6 @@ class LlamaFamilyModel(decoder.DecoderModel):
     self.decoder = Decoder(cfg, rngs=rngs)
     self.final_norm = layers.rms_norm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                       dtype=jnp.dtype(cfg.dtype))
-    self.build_head(cfg, rngs=rngs)
 
   def embed(self, input_ids_bt, positions_bt, *, deterministic, rngs):
     del positions_bt, deterministic, rngs  # Positions enter through RoPE; no dropout here.
@@ -359,3 +351,11 @@ class LlamaFamilyModel(decoder.DecoderModel):
 
   def layer_inputs(self, positions_bt):
     return rope_cos_sin(self.config, positions_bt)
+
+
+class LlamaFamilyModel(LlamaBackbone, headed.HeadedModel):
+  """The backbone with the head the config's task selects (`ftjax.models.heads`)."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.attach_head(cfg, "decoder", word_embedding=self.embeddings.word, rngs=rngs)
