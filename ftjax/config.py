@@ -7,6 +7,7 @@ wrong type or outside their range, naming the key.
 """
 
 import ast
+import importlib
 import json
 import os
 import pathlib
@@ -22,7 +23,7 @@ from ftjax.models.layers import REMAT_CHOICES
 
 TASKS = ("encoder", "classification", "decoder", "causal_lm")
 DTYPES = ("float32", "bfloat16", "float16")
-POOLINGS = ("pooler", "cls", "mean")
+POOLINGS = ("pooler", "cls", "mean", "last")
 SOURCES = ("files", "hf", "tfds")
 STRATEGIES = ("full", "freeze", "head_only", "lora")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -66,6 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
   # own keys live beside `name` in this group (its defaults are filled in).
   c.objective = ml_collections.ConfigDict()
   c.objective.name = ""
+  # The module that registers objective.name when it is not one of ftjax's
+  # (filled in from the registered class, recorded in config.json, imported
+  # again by the evaluator and export).
+  c.objective.module = ""
 
   c.data = ml_collections.ConfigDict()
   # "files": local files under `path`; "hf": Hugging Face hub dataset `name`;
@@ -299,6 +304,10 @@ def _check_values(c: ml_collections.ConfigDict, objective) -> None:
   require(all(isinstance(a, str) and a in adapter.registered() for a in c.strategy.adapters)
           and len(set(c.strategy.adapters)) == len(c.strategy.adapters), "strategy.adapters",
           c.strategy.adapters, f"distinct names of {adapter.registered()}")
+  require(not (c.strategy.name == "head_only" and c.strategy.adapters), "strategy.adapters",
+          c.strategy.adapters, "() with strategy.name='head_only' (its encoder is frozen and "
+          "runs without dropout; use strategy.name='freeze' to stack adapters on a frozen "
+          "model)")
   require(c.strategy.lora.rank >= 1, "strategy.lora.rank", c.strategy.lora.rank,
           "a LoRA rank >= 1")
   require(c.strategy.lora.alpha > 0, "strategy.lora.alpha", c.strategy.lora.alpha, "> 0")
@@ -337,8 +346,9 @@ def _check_values(c: ml_collections.ConfigDict, objective) -> None:
   require(c.eval.mode in ("max", "min"), "eval.mode", c.eval.mode, "'max' or 'min'")
   split, _, metric = c.eval.metric.partition("/")
   metric = metric.rsplit("/", 1)[-1]  # "<split>/<task>/<metric>" for one task of a mixture
-  metrics = objective.metrics if objective is not None else ("loss",)
-  require(not c.eval.splits or (split in c.eval.splits and metric in metrics),
+  metrics = objective.metrics if objective is not None else ()
+  require(objective is None or not c.eval.splits
+          or (split in c.eval.splits and metric in metrics),
           "eval.metric", c.eval.metric,
           f"'<split>/<metric>' with a split of eval.splits {tuple(c.eval.splits)} and a metric "
           f"of {metrics}")
@@ -366,6 +376,14 @@ def objective_class(config: ml_collections.ConfigDict):
   """The run's `Objective` class; None for a bare model (model.task encoder/decoder, no
   objective.name: probe runs), which cannot train."""
   from ftjax import objectives  # pylint: disable=g-import-not-at-top
+  module = config.objective.get("module", "")
+  if module:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ConfigError(f"config key 'objective.module' is {module!r}, which does not import "
+                        f"({e}); expected the module that registers objective "
+                        f"{config.objective.name!r}") from None
   name = objectives.name_of(config)
   if not config.objective.name and name not in objectives.names():
     return None
@@ -397,6 +415,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_keys(config, schema)
   _check_values(config, objective)
   if objective is not None:
+    if config.model.task != objective.head:
+      raise ConfigError(f"config key 'model.task' is {config.model.task!r}; expected "
+                        f"{objective.head!r}, the head objective {objective.name!r} trains")
+    if not objective.__module__.startswith("ftjax.") and not config.objective.module:
+      with config.unlocked():
+        config.objective.module = objective.__module__
     objective.check_config(config)
   return config
 
@@ -448,6 +472,7 @@ def load_run_config(workdir: pathlib.Path, overrides: list[str]) -> ml_collectio
   config = default_config()
   saved = json.loads(path.read_text(encoding="utf-8"))
   config.objective.name = saved.get("objective", {}).get("name", "")
+  config.objective.module = saved.get("objective", {}).get("module", "")
   _with_objective_group(config, objective_class(config))
   _update(config, saved)
   for item in overrides:

@@ -23,7 +23,9 @@ from absl import app, flags, logging
 
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import config as config_lib
-from ftjax import models, sharding, train
+from ftjax import models, sharding
+from ftjax.core import run as run_lib
+from ftjax.core import state as state_lib
 from ftjax.errors import CheckpointError, FtjaxError
 from ftjax.models import keymap
 from ftjax.peft import adapter as adapter_lib
@@ -49,9 +51,11 @@ def restore_params(workdir: str | pathlib.Path, which: str = "latest",
   config = config_lib.load_run_config(workdir, list(overrides))
   step = _step(workdir, config, which)
   mesh = sharding.make_mesh(config)
-  model, params, _, tokenizer = train.load_model(config, mesh)
+  model, params, _, tokenizer = run_lib.load_model(config, mesh)
   flat = dict(keymap.flatten(params))
-  saved = checkpoint_lib.read_trainable(workdir, step)
+  # The objective's own parameters (under "objective/") are not the model's: never exported.
+  saved = {p: v for p, v in checkpoint_lib.read_trainable(workdir, step).items()
+           if not p.startswith(state_lib.OBJECTIVE + "/")}
   for path, value in saved.items():
     if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
       raise CheckpointError(f"checkpoint {workdir}/checkpoints/{step} has {path!r} "

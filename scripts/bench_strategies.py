@@ -33,6 +33,10 @@ _MODEL = flags.DEFINE_string("model", os.environ.get("FTJAX_MODEL", ""),
 _STEPS = flags.DEFINE_integer("steps", 16, "Steps per timing round, after compiling.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timing rounds; each variant reports its median.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "JAX's persistent compilation cache folder ('none': off, so "
+    "compile times are cold compiles); default $FTJAX_COMPILATION_CACHE, else "
+    "~/.cache/ftjax/xla. With the cache, a program compiled before is loaded, not compiled.")
 _VARIANT = flags.DEFINE_string("variant", "", "Internal: variants to measure in this process.")
 
 VARIANTS = {
@@ -116,7 +120,12 @@ def _subprocess(names: list[str]) -> list[dict]:
 
 def main(argv):
   del argv
+  # The children read it from the environment (`ftjax.core.compile_cache.enable`).
+  if _COMPILATION_CACHE.value is not None:
+    os.environ["FTJAX_COMPILATION_CACHE"] = _COMPILATION_CACHE.value
   if _VARIANT.value:
+    from ftjax.core import compile_cache  # pylint: disable=g-import-not-at-top
+    compile_cache.enable()
     bench_setup.print_result(measure(_VARIANT.value.split(",")))
     return
   if not _MODEL.value:

@@ -17,7 +17,9 @@ are its own, through the library's own step (`ftjax.core.run.setup` +
 `--steps` real training batches of epoch 0 (the same for every strategy):
 
   compile    lower + compile of the train step, summed over the distinct batch
-             shapes (one per length bucket the batches use)
+             shapes (one per length bucket the batches use); a load from the
+             persistent compilation cache when the program was compiled before
+             (`--compilation_cache=none` for cold compiles)
   warm-up    one call of each compiled shape, untimed
   timed      the --steps batches, each call followed by block_until_ready
   step (ms)  median of the timed steps
@@ -90,6 +92,10 @@ _OUT = flags.DEFINE_string("out", str(REPO / "experiments" / "results" / "benchm
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", "", "Also trace each row's steps with jax.profiler into this folder and "
     "break their time down by op kind (matmul, rng, elementwise, ...) and phase.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "JAX's persistent compilation cache folder ('none': off, so "
+    "compile times are cold compiles); default $FTJAX_COMPILATION_CACHE, else "
+    "~/.cache/ftjax/xla. With the cache, a program compiled before is loaded, not compiled.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: 'peak' or 'MODEL:STRATEGY' to measure here.")
 
 
@@ -396,7 +402,12 @@ def device_peak(rows: list[dict]) -> tuple[float, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # The children read it from the environment (`ftjax.core.compile_cache.enable`).
+  if _COMPILATION_CACHE.value is not None:
+    os.environ["FTJAX_COMPILATION_CACHE"] = _COMPILATION_CACHE.value
   if _CHILD.value:
+    from ftjax.core import compile_cache  # pylint: disable=g-import-not-at-top
+    compile_cache.enable()
     bench_setup.print_result(measure(*_CHILD.value.split(":")))
     return
   unknown = [m for m in _MODELS.value if m not in MODELS]

@@ -147,7 +147,15 @@ def test_a_new_objective_trains_checkpoints_and_resumes_through_main(tmp_path, m
   results = json.loads((workdir / "results.json").read_text())
   assert results["step"] == 12 and results["validation/mse"] == evals[-1]
   saved = json.loads((workdir / "config.json").read_text())
-  assert saved["objective"] == {"name": "regression", "target_scale": 2.0}
+  # The module that registers the objective is recorded, so the evaluator finds it too.
+  assert saved["objective"] == {"name": "regression", "target_scale": 2.0,
+                                "module": "tests.test_objective_extension"}
+  # Imported here: a config file imports this module inside `ftjax.main`, whose flags
+  # would clash with the evaluator's.
+  from ftjax import evaluate  # pylint: disable=g-import-not-at-top
+  rows = evaluate.run_evaluator(str(workdir), checkpoints="latest", split="validation",
+                                devices=jax.devices()[:1])
+  assert rows[0]["validation/mse"] == pytest.approx(evals[-1], rel=1e-5)
 
   # The objective's own parameters were trained and checkpointed beside the model's.
   trainable = checkpoint.read_trainable(workdir, 12)

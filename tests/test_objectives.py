@@ -21,6 +21,7 @@ def test_samples_are_shown_task_by_task_grouped_by_the_exact_task_name():
 
 def test_the_default_objective_is_the_one_of_model_task():
   c = config_lib.validate(config_lib.default_config())
+  assert c.objective.module == ""  # ftjax's own objectives need no import
   assert objectives.name_of(c) == "classification"
   assert config_lib.objective_class(c) is objectives.Classification
   c.model.task, c.eval.metric, c.eval.mode = "causal_lm", "test/perplexity", "min"
@@ -52,7 +53,8 @@ def test_an_objective_brings_its_config_group_and_its_checks():
   c = config_lib.default_config()
   c.objective.name, c.eval.metric = "test_scaled", "validation/loss"
   config_lib.validate(c)
-  assert c.objective.to_dict() == {"name": "test_scaled", "scale": 1.0, "mode": "sum"}
+  assert c.objective.to_dict() == {"name": "test_scaled", "module": "tests.test_objectives",
+                                   "scale": 1.0, "mode": "sum"}
   c.objective.scale = 2  # an int where a float is expected is fine, as elsewhere
   config_lib.validate(c)
   c.objective.mode = "max"
@@ -84,3 +86,25 @@ def test_a_taken_objective_name_cannot_be_registered_again():
   Other.name = "classification"
   with pytest.raises(ValueError, match="objective name 'classification' is taken"):
     objectives.register(Other)
+
+
+def test_the_objective_must_get_the_head_it_trains():
+  c = config_lib.default_config()
+  c.objective.name, c.model.task = "classification", "encoder"
+  with pytest.raises(ConfigError, match=r"'model.task' is 'encoder'; expected 'classification', "
+                     r"the head objective 'classification' trains"):
+    config_lib.validate(c)
+
+
+def test_an_objective_module_that_does_not_import_is_one_line():
+  c = config_lib.default_config()
+  c.objective.name, c.objective.module = "regression", "no_such_module_xyz"
+  with pytest.raises(ConfigError, match=r"'objective.module' is 'no_such_module_xyz', which does "
+                     r"not import"):
+    config_lib.validate(c)
+
+
+def test_a_bare_model_config_validates_for_probing():
+  c = config_lib.default_config()
+  c.model.task = "encoder"  # eval.metric stays validation/accuracy: nothing is trained
+  assert config_lib.objective_class(config_lib.validate(c)) is None

@@ -109,31 +109,32 @@ class StopRequests(Hook):
 
 
 class Logging(Hook):
-  """Every `training.log_every_steps` and at the end: the mean of the window's metrics."""
+  """Every `training.log_every_steps` and at the end: the mean of the window's metrics.
 
-  def on_start(self, loop) -> None:
-    self.window_start, self.window_examples = time.perf_counter(), 0
+  The window (its steps' host metrics and its clock) is the loop's: it starts
+  when the first step of this invocation does and restarts after each row.
+  """
 
   def due(self, loop, step):
-    self.window_examples += loop.config.training.batch_size
     return step % loop.config.training.log_every_steps == 0 or step == loop.run.steps.total
 
   def on_step(self, loop, step, due):
     if not due:
       return
-    window, elapsed = loop.window, time.perf_counter() - self.window_start
+    window, elapsed = loop.window, time.perf_counter() - loop.window_start
     row = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]
            if np.ndim(window[0][k]) == 0}
     row.update({f"train/{k}": v for k, v in loop.run.objective.log_metrics(window).items()})
     row["train/data_fingerprint"] = loop.fingerprint()
-    row["train/examples_per_second"] = self.window_examples / elapsed
+    row["train/examples_per_second"] = len(window) * loop.config.training.batch_size / elapsed
     row["train/seconds_per_step"] = elapsed / len(window)
     row["train/epoch"] = step / loop.run.steps.steps_per_epoch
     loop.writer.write(step, row)
-    loop.progress.set_postfix(loss=f"{row['train/loss']:.4f}",
-                              ex_per_s=f"{row['train/examples_per_second']:.0f}")
+    if loop.progress is not None:
+      loop.progress.set_postfix(loss=f"{row['train/loss']:.4f}",
+                                ex_per_s=f"{row['train/examples_per_second']:.0f}")
     loop.window.clear()
-    self.window_start, self.window_examples = time.perf_counter(), 0
+    loop.window_start = time.perf_counter()
 
 
 class Tracker:
@@ -222,7 +223,8 @@ class Progress(Hook):
     return False
 
   def on_end(self, loop) -> None:
-    loop.progress.close()
+    if loop.progress is not None:
+      loop.progress.close()
 
 
 def default_hooks(stop_at_step: int | None = None) -> list[Hook]:

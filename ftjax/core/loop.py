@@ -73,6 +73,7 @@ class Loop:
     self.iterator = run.data.train_iterator(run.steps.total)
     self.start_step = self.checkpointer.latest_step()
     self.window: list[dict] = []  # host metrics of the steps since the last log row
+    self.window_start = 0.0  # when the window's first step started (time.perf_counter)
     self.stop_reason: str | None = None  # "preempted" | "asked" | "early"
     self.save_requested = False
     self.eval_results: dict | None = None
@@ -127,6 +128,7 @@ class Loop:
       for hook in self.hooks:
         hook.on_start(self)
       pending = None  # (step, metrics) of the step in flight: read one step late
+      self.window_start = time.perf_counter()
       while self.step < self.run.steps.total:
         self.batch = next(self.iterator)
         self.state, step_metrics = self.train_step(
@@ -149,14 +151,16 @@ class Loop:
           self._log_stop()
           break
     finally:
-      for hook in reversed(self.hooks):
-        hook.on_end(self)
-      self.checkpointer.wait()
-      self.checkpointer.close()
-      self.writer.close()
+      try:
+        for hook in reversed(self.hooks):
+          hook.on_end(self)
+      finally:
+        self.checkpointer.wait()
+        self.checkpointer.close()
+        self.writer.close()
 
   def _log_stop(self) -> None:
-    if self.stop_reason == "early":
+    if self.tracker.should_stop:
       t = self.tracker
       logging.info("Early stopping at step %d: %s has not improved for %d evaluations "
                    "(best %.4f at step %d)", self.step, t.metric, t.stale, t.best, t.best_step)

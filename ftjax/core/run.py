@@ -158,6 +158,11 @@ def setup(config: ml_collections.ConfigDict, devices=None,
   model, params, new_paths, tokenizer = load_model(config, mesh)
   config = _fit_to_positions(config, model)
   objective = config_lib.objective_class(config)(config)
+  if objective.references:
+    # The step and compile_steps take reference models (`Run.refs`); loading them (a
+    # teacher, a DPO reference) comes with the first objective that needs one.
+    raise FtjaxError(f"objective {objective.name!r} needs reference models "
+                     f"{objective.references}, which ftjax cannot load yet")
   new_paths = set(new_paths)
   if config.init_from:
     params, restored, reinitialised = init_from(config.init_from, model, params)

@@ -20,7 +20,6 @@ from flax import nnx
 from ftjax import generate as generate_lib
 from ftjax import metrics
 from ftjax.data import instruct, pipeline
-from ftjax.errors import ConfigError
 from ftjax.objectives import base
 from ftjax.objectives.classification import cross_entropy
 
@@ -36,12 +35,6 @@ class CausalLM(base.Objective):
     dtypes = {"input_ids": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32,
               "targets": jnp.int32, "target_weights": jnp.float32, "task_ids": jnp.int32}
     return {k: jax.ShapeDtypeStruct((batch_size, length), d) for k, d in dtypes.items()}
-
-  @classmethod
-  def check_config(cls, config) -> None:
-    if config.model.task != "causal_lm":
-      raise ConfigError(f"config key 'model.task' is {config.model.task!r}; expected "
-                        f"'causal_lm' for objective.name='causal_lm'")
 
   def build_data(self, model, tokenizer) -> base.Data:
     c = self.config
