@@ -13,6 +13,14 @@ from ftjax import config as config_lib
 def get_config():
   config = config_lib.default_config()
 
+  # --- Objective ---------------------------------------------------------
+  # What the run optimises (ftjax/objectives/): "" is the objective of
+  # model.task ("classification" here). Your own objective: register it in a
+  # module this file imports, set its name here and its keys beside it.
+  config.objective.name = ""
+  # The module that registers it (filled in and recorded automatically).
+  config.objective.module = ""
+
   # --- Model -------------------------------------------------------------
   # Hub id (e.g. "bert-base-uncased") or a folder with config.json +
   # model.safetensors (or model.safetensors.index.json) + tokenizer files.
@@ -58,6 +66,9 @@ def get_config():
   # Your own (regex, "trainable"|"frozen") rules over parameter paths, tried
   # first, e.g. ((r"encoder/layers/\d+/attention_norm/.*", "trainable"),).
   config.strategy.rules = ()
+  # PEFT adapters stacked on the model, in order (registered names; "lora"
+  # is shipped). strategy.name="lora" means ("lora",) on a frozen model.
+  config.strategy.adapters = ()
   # lora: W x + (alpha / rank) * B A x on the target modules; classifier trains.
   config.strategy.lora.rank = 8
   config.strategy.lora.alpha = 16.0

@@ -18,6 +18,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathl
   os.close(fd)
   try:
     write(tmp)
+    # mkstemp creates 0600; give the file the mode a plain open() would have.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
@@ -27,3 +29,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathl
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
   return atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
