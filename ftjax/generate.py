@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import ConfigError
+from ftjax.models import heads
 
 
 class Generation(NamedTuple):
@@ -209,7 +210,7 @@ def generate(model, params, prompts, *, max_new_tokens: int,
     A `Generation`: the new tokens per row as lists, and the padded arrays.
   """
   cfg = model.config
-  if cfg.task != "causal_lm":
+  if heads.head_for(cfg.task) is not heads.LMHead:
     raise ConfigError(f"generate needs a causal_lm model; this one has task={cfg.task!r}")
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens}; expected at least 1")

@@ -42,9 +42,10 @@ class Architecture:
   @classmethod
   def of(cls, config) -> "Architecture":
     """The architecture of an ftjax BERT-family or Llama-family model config."""
+    from ftjax.models import heads  # pylint: disable=g-import-not-at-top  (jax loads late)
     if config.model_type in ("bert", "roberta", "distilbert"):
       head = []
-      if config.task == "classification":
+      if heads.head_for(config.task) is heads.SequenceClassifier:
         if config.has_pooler:
           head.append(("pooler", config.hidden_size, config.hidden_size))
         if config.model_type in ("roberta", "distilbert") and config.pooling == "pooler":
@@ -54,7 +55,7 @@ class Architecture:
                  config.head_dim, config.intermediate_size, 1, 0, False, False,
                  (None,) * config.num_layers, tuple(head), "encoder/layers", ("up",), "", "")
     if config.model_type in ("llama", "mistral", "qwen2", "qwen3"):
-      lm = config.task == "causal_lm"
+      lm = heads.head_for(config.task) is heads.LMHead
       head = (() if lm else (("classifier/out", config.hidden_size, config.num_labels),))
       return cls(config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads,
                  config.head_dim, config.intermediate_size, 2,
