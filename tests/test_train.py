@@ -13,6 +13,7 @@ from ftjax import checkpoint, logs, optim, sharding, train
 from ftjax.data import pipeline
 from ftjax.errors import ConfigError, FtjaxError
 from ftjax.models import keymap
+from ftjax.core import hooks as hooks_lib
 from ftjax.core.hooks import Tracker
 from ftjax.objectives import Classification
 from ftjax.peft import partition
@@ -271,3 +272,35 @@ def test_tracker_stops_after_exactly_patience_evaluations_without_improvement():
   assert tracker.best == 0.7 and tracker.best_step == 6 and tracker.stale == 0
 
 
+
+
+def test_a_user_hook_runs_beside_the_default_ones(tiny_dirs, tmp_path):
+  """The loop's extension point: a hook sees every step, acts when due, and always ends."""
+  model_dir, data_path, _ = tiny_dirs
+
+  class GradNormEvery2(hooks_lib.Hook):
+    def __init__(self):
+      self.started, self.rows, self.ended = False, [], False
+
+    def on_start(self, loop):
+      self.started = loop.step == 0
+
+    def due(self, loop, step):
+      return step % 2 == 0
+
+    def on_step(self, loop, step, due):
+      if due:  # The step's metrics are on the host by now.
+        self.rows.append((step, loop.metrics["grad_norm"]))
+
+    def on_end(self, loop):
+      self.ended = True
+
+  hook = GradNormEvery2()
+  config = tiny.config(model_dir, data_path, **{"training.log_every_steps": 3,
+                                                "eval.every_steps": 6})
+  train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1],
+                           hooks=[*hooks_lib.default_hooks(), hook])
+  assert hook.started and hook.ended
+  assert [s for s, _ in hook.rows] == [2, 4, 6] and all(g > 0 for _, g in hook.rows)
+  # The default hooks still logged on their own cadence.
+  assert [r["step"] for r in logs.read_metrics(tmp_path) if "train/loss" in r] == [3, 6]

@@ -74,6 +74,7 @@ class Loop:
     self.start_step = self.checkpointer.latest_step()
     self.window: list[dict] = []  # host metrics of the steps since the last log row
     self.window_start = 0.0  # when the window's first step started (time.perf_counter)
+    self.metrics: dict = {}  # this step's host metrics, while the hooks run
     self.stop_reason: str | None = None  # "preempted" | "asked" | "early"
     self.save_requested = False
     self.eval_results: dict | None = None
@@ -143,7 +144,8 @@ class Loop:
           continue
         # Sync with this step before anything is logged, evaluated or saved: a
         # non-finite step stops the run here, before it reaches a checkpoint.
-        self.window.append(hooks_lib.host_metrics(*pending))
+        self.metrics = hooks_lib.host_metrics(*pending)
+        self.window.append(self.metrics)
         pending, self.eval_results, self.save_requested = None, None, False
         for hook, hook_due in zip(self.hooks, due):
           hook.on_step(self, self.step, hook_due)
