@@ -18,6 +18,7 @@ not fit) print one line and exit with status 1.
 """
 
 import logging as pylogging
+import os
 import signal
 import sys
 
@@ -100,6 +101,19 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno > pylogging.INFO
 
 
+def _loaded_config():
+  """`--config`'s ConfigDict; a config file that does not exist is one line.
+
+  config_flags defers a failed load to the first use of the config; a file
+  that exists but fails to load is a bug in it and keeps its traceback.
+  """
+  path = config_flags.get_config_filename(flags.FLAGS["config"])
+  if not os.path.isfile(path):
+    raise FtjaxError(f"--config={path}: no such file; expected an experiment config such as "
+                     f"configs/sentiment_minilm.py (configs/forkme.py lists every key)")
+  return _CONFIG.value
+
+
 def _local_device_ids(values: list[str] | None) -> list[int] | None:
   if not values:
     return None
@@ -119,7 +133,7 @@ def main(argv):
     setup = distributed.initialize(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
         _local_device_ids(_LOCAL_DEVICE_IDS.value), cpu_collectives=_CPU_COLLECTIVES.value)
-    config = config_lib.validate(_CONFIG.value)
+    config = config_lib.validate(_loaded_config())
     compile_cache.enable(COMPILATION_CACHE.value)
     logging.info("JAX process %d of %d (%s), local devices: %s; global devices: %d",
                  jax.process_index(), jax.process_count(), setup.how, jax.local_devices(),
@@ -133,9 +147,14 @@ def main(argv):
     else:
       loop.train_and_evaluate(config, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
   except hooks.Preempted as e:
-    # 128 + SIGTERM, as if the signal had ended the process: not "finished".
+    # 128 + the signal, as if it had ended the process: not "finished".
     print(f"ftjax: {e}", file=sys.stderr)
-    sys.exit(128 + signal.SIGTERM)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:
+    # Ctrl-C before training started, or a second one during it: no new checkpoint.
+    print("ftjax: interrupted (Ctrl-C) without a new checkpoint; the last complete one is "
+          "kept; run the same command to continue from it", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
   except FtjaxError as e:
     sys.exit(f"ftjax: error: {e}")
 

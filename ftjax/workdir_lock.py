@@ -117,6 +117,9 @@ class WorkdirLock:
     if self._fd is not None:
       raise RuntimeError(f"{self.path} is already held by this WorkdirLock")
     self.holder = Holder.this_process()
+    if self.workdir.exists() and not self.workdir.is_dir():
+      raise FtjaxError(f"workdir {self.workdir} is a file; expected a folder (a new one, or "
+                       f"the workdir of a run)")
     try:
       self.workdir.mkdir(parents=True, exist_ok=True)
       self._fd = self._acquire()

@@ -144,3 +144,19 @@ def test_pickle_checkpoint_is_refused_unless_allowed(tmp_path):
   _, from_safe = models.from_pretrained(str(tmp_path / "safe"), task="classification")
   import jax  # pylint: disable=g-import-not-at-top
   jax.tree.map(np.testing.assert_array_equal, from_pickle, from_safe)
+
+
+def test_missing_config_file(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "ftjax.main", "--config=configs/nope.py", f"--workdir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert_one_line_error(result, "--config=configs/nope.py: no such file",
+                        "expected an experiment config such as configs/sentiment_minilm.py")
+
+
+def test_workdir_that_is_a_file(tiny_bert, tmp_path):
+  (tmp_path / "run").write_text("not a folder")
+  result = run_main(f"--workdir={tmp_path / 'run'}", f"--config.model.name_or_path={tiny_bert}")
+  assert_one_line_error(result, f"workdir {tmp_path / 'run'} is a file; expected a folder")
+  assert (tmp_path / "run").read_text() == "not a folder"

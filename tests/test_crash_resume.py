@@ -3,7 +3,8 @@
 The real entry point (`python -m ftjax.main`) trains a tiny BERT with a
 checkpoint every step (orbax writes asynchronously). It is killed with
 SIGKILL five times — at random steps, and at least once while a checkpoint
-is being written — and pre-empted once with SIGTERM; each time the same
+is being written — pre-empted once with SIGTERM, interrupted once with Ctrl-C
+(SIGINT) and once with two Ctrl-Cs; each time the same
 command is started again. The final parameters must equal, bit for bit, those
 of a run that was never interrupted: same data order, same RNG, nothing
 replayed twice or skipped. After every kill the newest complete checkpoint
@@ -70,7 +71,8 @@ def _writing(workdir: pathlib.Path) -> bool:
   return folder.exists() and any("tmp" in p.name for p in folder.iterdir())
 
 
-def _interrupt(command, workdir, *, after_step: int, during_write: bool, sig: int):
+def _interrupt(command, workdir, *, after_step: int, during_write: bool, sig: int,
+               twice: bool = False):
   """Starts the run, waits for `after_step` (and a checkpoint write), sends `sig`.
 
   Returns (finished output, whether a write was in progress when signalled).
@@ -87,6 +89,9 @@ def _interrupt(command, workdir, *, after_step: int, during_write: bool, sig: in
         if _logged_step(workdir) >= after_step and (not during_write or _writing(workdir)):
           writing = _writing(workdir)
           process.send_signal(sig)
+          if twice:  # a second Ctrl-C while the first one's checkpoint is pending
+            time.sleep(0.05)
+            process.send_signal(sig)
           break
         time.sleep(0.002)
       process.wait(timeout=300)
@@ -129,6 +134,25 @@ def test_killed_runs_resume_to_bitwise_equal_parameters(minilm_dir, data_dir, tm
   stopped = _logged_step(workdir)
   assert _complete_steps(workdir)[-1] == stopped < NUM_STEPS
   assert f"pre-empted (SIGTERM) at step {stopped} of {NUM_STEPS}" in err.strip().splitlines()[-1]
+
+  # Ctrl-C behaves as SIGTERM: a checkpoint at the current step, then exit 130.
+  code, _, err, _ = _interrupt(command, workdir, after_step=stopped + 2, during_write=False,
+                               sig=signal.SIGINT)
+  assert code == 128 + signal.SIGINT, err[-2000:]
+  stopped = _logged_step(workdir)
+  assert _complete_steps(workdir)[-1] == stopped < NUM_STEPS
+  assert "Ctrl-C: saving a checkpoint at the end of this step" in err
+  assert f"interrupted (Ctrl-C) at step {stopped} of {NUM_STEPS}" in err.strip().splitlines()[-1]
+
+  # A second Ctrl-C stops at once: one line, exit 130, no traceback, and the newest
+  # complete checkpoint is intact (the final run resumes from it).
+  code, _, err, _ = _interrupt(command, workdir, after_step=stopped + 2, during_write=False,
+                               sig=signal.SIGINT, twice=True)
+  assert code == 128 + signal.SIGINT, err[-2000:]
+  assert "Traceback" not in err
+  assert "without a new checkpoint; the last complete one is kept" in err.strip().splitlines()[-1]
+  stopped = _complete_steps(workdir)[-1]
+  checkpoint_lib.read_trainable(workdir, stopped)
 
   final = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env=ONE_DEVICE)

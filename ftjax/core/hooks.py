@@ -11,6 +11,7 @@ early stop), then the checkpoint.
 """
 
 import math
+import os
 import signal
 import threading
 import time
@@ -43,27 +44,46 @@ class Hook:
 
 
 class Preempted(Exception):
-  """The run stopped on SIGTERM after saving a checkpoint at the current step."""
+  """The run stopped on SIGTERM or Ctrl-C after saving a checkpoint at the current step."""
+
+  def __init__(self, message: str, signum: int = signal.SIGTERM):
+    super().__init__(message)
+    self.signum = signum
 
 
 class PreemptionWatch:
-  """Turns SIGTERM into "checkpoint at the end of this step, then stop".
+  """Turns SIGTERM, or Ctrl-C (SIGINT), into "checkpoint at the end of this step, then stop".
 
   The handler only sets a flag (a signal may arrive anywhere, e.g. inside an
-  XLA call or an orbax write); the loop reads it after every step. Hosts must
-  agree on the step they stop at: with several processes, JAX's preemption
-  sync point (the distributed runtime's SIGTERM notice) decides, or else the
-  flags are all-gathered at checkpoint steps.
+  XLA call or an orbax write); the loop reads it after every step. A second
+  Ctrl-C exits at once, as a kill would (the last complete checkpoint stays as
+  it is). Hosts must agree on the step they stop at: with several
+  processes, JAX's preemption sync point (the distributed runtime's SIGTERM
+  notice) decides, or else the flags are all-gathered at checkpoint steps.
   """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, every: int):
     self._flag = threading.Event()
     self._every = every
-    self._previous = None
+    self._previous = {}
+    self.signum: int | None = None  # the first signal received
     # Multi-host: whether the runtime has a preemption service (known after the first step).
     self._sync_point: bool | None = None
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+      self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    if signum == signal.SIGINT and self._flag.is_set():
+      _exit_now()
+    if self.signum is None:
+      self.signum = signum
+    self._flag.set()
+    if signum == signal.SIGINT:  # os.write: logging is not safe inside a signal handler
+      os.write(2, b"ftjax: Ctrl-C: saving a checkpoint at the end of this step, then "
+                  b"stopping (Ctrl-C again to stop at once)\n")
 
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
@@ -71,19 +91,31 @@ class PreemptionWatch:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if self._sync_point is not False:
       try:
-        reached = multihost_utils.reached_preemption_sync_point(step)
+        if multihost_utils.reached_preemption_sync_point(step):
+          return True
         self._sync_point = True
-        return reached
       except RuntimeError:  # No preemption service in this runtime: asked once.
         self._sync_point = False
+    # Flags the runtime does not see (Ctrl-C; SIGTERM without its service) at
+    # checkpoint steps, where every process asks at the same step.
     if step % self._every:
       return False
     return bool(multihost_utils.process_allgather(np.asarray(self._flag.is_set())).any())
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, previous in self._previous.items():
+      # Stopping on a signal: a Ctrl-C during the rest of the teardown still exits at once.
+      stopping = sig == signal.SIGINT and self._flag.is_set()
+      signal.signal(sig, (lambda *_: _exit_now()) if stopping else previous)
+    self._previous = {}
+
+
+def _exit_now() -> None:
+  """The second Ctrl-C: exit without unwinding (as a kill would; checkpoints are written
+  to temporary folders and renamed when complete, so the last complete one stays)."""
+  os.write(2, b"ftjax: interrupted (Ctrl-C) without a new checkpoint; the last complete one "
+              b"is kept; run the same command to continue from it\n")
+  os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
 
 
 class StopRequests(Hook):

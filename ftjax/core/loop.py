@@ -17,6 +17,7 @@ Order of a run:
 
 import json
 import pathlib
+import signal
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -99,6 +100,11 @@ class Loop:
   def finished(self) -> bool:
     return self.step >= self.run.steps.total or self.tracker.should_stop
 
+  def preemption_signal(self) -> int:
+    """The signal that stopped the run (SIGTERM or SIGINT)."""
+    watch = next((h.watch for h in self.hooks if isinstance(h, hooks_lib.StopRequests)), None)
+    return watch.signum if watch is not None and watch.signum else signal.SIGTERM
+
   def stop(self, reason: str) -> None:
     if self.stop_reason is None:
       self.stop_reason = reason
@@ -168,7 +174,7 @@ class Loop:
                    "(best %.4f at step %d)", self.step, t.metric, t.stale, t.best, t.best_step)
     else:
       logging.info("Stopping at step %d %s; run the same command to continue", self.step,
-                   "on SIGTERM (pre-emption), with a checkpoint"
+                   "on SIGTERM or Ctrl-C, with a checkpoint"
                    if self.stop_reason == "preempted" else "as asked")
 
 
@@ -182,7 +188,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   is not trained again.
   """
   workdir_path = pathlib.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
   with lock.hold(workdir_path), compile_cache.CompileStats() as compile_stats:
     return _train(config, workdir_path, stop_at_step=stop_at_step, devices=devices,
                   hooks=hooks, compile_stats=compile_stats)
@@ -215,10 +220,12 @@ def _train(config, workdir: pathlib.Path, *, stop_at_step, devices, hooks,
     write_results(workdir, loop, {**summary, **compile_stats.summary()},
                   wall_seconds=time.perf_counter() - started)
   if loop.stop_reason == "preempted":
+    signum = loop.preemption_signal()
     raise hooks_lib.Preempted(
-        f"pre-empted (SIGTERM) at step {loop.step} of {steps.total}; checkpoint "
+        f"{'interrupted (Ctrl-C)' if signum == signal.SIGINT else 'pre-empted (SIGTERM)'} at "
+        f"step {loop.step} of {steps.total}; checkpoint "
         f"{loop.checkpointer.directory / str(loop.step)} is saved; run the same command to "
-        f"continue")
+        f"continue", signum)
   return loop.last_eval
 
 
