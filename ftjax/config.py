@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False
   # pytorch_model.bin is a pickle (it can run code when loaded): refused unless True.
   c.model.allow_pickle = False
+  # Keep only these layers of the checkpoint's stack, renumbered 0, 1, ... (a
+  # student cut from its teacher: (0, 2, 4) of 6 layers); () keeps them all.
+  c.model.layers = ()
 
   # What the run optimises (`ftjax.objectives`): "" is the objective of
   # model.task ("classification" or "causal_lm"); a registered objective's
@@ -274,6 +277,9 @@ def _check_values(c: ml_collections.ConfigDict, objective) -> None:
   require(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, f"one of {DTYPES}")
   require(c.model.remat in REMAT_CHOICES, "model.remat", c.model.remat,
           f"one of {REMAT_CHOICES}")
+  require(all(isinstance(i, int) and i >= 0 for i in c.model.layers)
+          and list(c.model.layers) == sorted(set(c.model.layers)), "model.layers",
+          c.model.layers, "increasing layer indices >= 0 (or (): every layer)")
   require(c.model.num_labels is None or c.model.num_labels >= 1, "model.num_labels",
           c.model.num_labels, "a positive number of classes")
   require(c.data.source in SOURCES, "data.source", c.data.source, f"one of {SOURCES}")
@@ -346,7 +352,7 @@ def _check_values(c: ml_collections.ConfigDict, objective) -> None:
   require(c.eval.mode in ("max", "min"), "eval.mode", c.eval.mode, "'max' or 'min'")
   split, _, metric = c.eval.metric.partition("/")
   metric = metric.rsplit("/", 1)[-1]  # "<split>/<task>/<metric>" for one task of a mixture
-  metrics = objective.metrics if objective is not None else ()
+  metrics = objective.metrics_for(c) if objective is not None else ()
   require(objective is None or not c.eval.splits
           or (split in c.eval.splits and metric in metrics),
           "eval.metric", c.eval.metric,
@@ -415,9 +421,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_keys(config, schema)
   _check_values(config, objective)
   if objective is not None:
-    if config.model.task != objective.head:
+    head = objective.head_for(config)
+    if config.model.task != head:
       raise ConfigError(f"config key 'model.task' is {config.model.task!r}; expected "
-                        f"{objective.head!r}, the head objective {objective.name!r} trains")
+                        f"{head!r}, the head objective {objective.name!r} trains")
     if not objective.__module__.startswith("ftjax.") and not config.objective.module:
       with config.unlocked():
         config.objective.module = objective.__module__

@@ -58,7 +58,7 @@ class Evaluator:
     # dataset may not have). Metrics do not depend on the padded length.
     config.eval.splits = (split,)
     # Any metric of the objective will do: the evaluator tracks no best.
-    config.eval.metric = f"{split}/{config_lib.objective_class(config).metrics[0]}"
+    config.eval.metric = f"{split}/{config_lib.objective_class(config).metrics_for(config)[0]}"
     config.data.train_split = split
     self.config, self.workdir, self.split = config, workdir, split
     # A head-only run on cached features is evaluated on them too (computed

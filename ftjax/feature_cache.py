@@ -111,26 +111,39 @@ def features(step, trainable, frozen, split: pipeline.TokenizedSplit, *,
   return out
 
 
-def load_or_compute(cache_dir: pathlib.Path | None, key: str, compute) -> tuple[np.ndarray, bool]:
-  """The cached array for `key`, or `compute()` saved there; and whether it was a hit.
+def load_or_compute(cache_dir: pathlib.Path | None, key: str, compute):
+  """The cached array (or dict of arrays) for `key`, or `compute()` saved there; and
+  whether it was a hit.
 
-  Every host must take the same branch (computing is a collective), so a
-  multi-host run reads the cache only if every host sees the file.
+  One array is `<key>.npy`, a dict of arrays `<key>.npz` (read without
+  pickle). Every host must take the same branch (computing is a collective),
+  so a multi-host run reads the cache only if every host sees the file.
   """
-  path = None if cache_dir is None else pathlib.Path(cache_dir) / f"{key}.npy"
-  exists = path is not None and path.is_file()
+  paths = [] if cache_dir is None else [pathlib.Path(cache_dir) / f"{key}{suffix}"
+                                        for suffix in (".npy", ".npz")]
+  found = next((p for p in paths if p.is_file()), None)
+  exists = found is not None
   if jax.process_count() > 1:
     exists = bool(np.all(multihost_utils.process_allgather(np.asarray(exists))))
   if exists:
-    return np.load(path, allow_pickle=False), True
+    if found.suffix == ".npz":
+      with np.load(found, allow_pickle=False) as saved:
+        return {name: saved[name] for name in saved.files}, True
+    return np.load(found, allow_pickle=False), True
   started = time.perf_counter()
-  array = compute()
-  logging.info("computed %s features in %.1f s", array.shape, time.perf_counter() - started)
-  if path is not None and jax.process_index() == 0:
+  value = compute()
+  shapes = ({k: v.shape for k, v in value.items()} if isinstance(value, dict) else value.shape)
+  logging.info("computed %s in %.1f s", shapes, time.perf_counter() - started)
+  if paths and jax.process_index() == 0:
+    path = paths[1] if isinstance(value, dict) else paths[0]
     path.parent.mkdir(parents=True, exist_ok=True)
+
     def write(tmp):  # A file object: np.save would add ".npy" to a name.
       with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+        if isinstance(value, dict):
+          np.savez(f, **value)
+        else:
+          np.save(f, value, allow_pickle=False)
 
     files.atomic_write(path, write)
-  return array, False
+  return value, False

@@ -37,8 +37,12 @@ from ftjax.core import state as state_lib
 from ftjax.errors import CheckpointError
 
 
-def run_identity(config: ml_collections.ConfigDict) -> dict:
-  """What a checkpoint must agree on to be resumed by this config."""
+def run_identity(config: ml_collections.ConfigDict, sources: Mapping | None = None) -> dict:
+  """What a checkpoint must agree on to be resumed by this config.
+
+  `sources` (`Run.identity`) adds what identifies loaded weights beyond the
+  config: the step of a run a model or teacher came from, a teacher's source.
+  """
   identity = {"model.name_or_path": config.model.name_or_path, "model.task": config.model.task,
               "model.num_labels": config.model.num_labels, "model.pooling": config.model.pooling,
               "strategy": json.loads(config.strategy.to_json_best_effort()),
@@ -46,11 +50,15 @@ def run_identity(config: ml_collections.ConfigDict) -> dict:
               "init_from": config.init_from}
   if config.objective.name:  # Runs from before objectives existed did not record one.
     identity["objective"] = json.loads(config.objective.to_json_best_effort())
+  if config.model.layers:  # Keys of newer options only when used: older checkpoints resume.
+    identity["model.layers"] = list(config.model.layers)
+  identity.update(json.loads(json.dumps(dict(sources or {}))))
   return identity
 
 
-def check_identity(saved: dict, config: ml_collections.ConfigDict, where) -> None:
-  for key, value in run_identity(config).items():
+def check_identity(saved: dict, config: ml_collections.ConfigDict, where,
+                   sources: Mapping | None = None) -> None:
+  for key, value in run_identity(config, sources).items():
     if key == "strategy" and isinstance(saved.get(key), dict):
       # Keys added to the strategy group since the checkpoint was written
       # (e.g. `adapters`) count as their defaults.
@@ -87,7 +95,8 @@ class Loop:
 
   def _resume(self, start: int) -> None:
     where = self.checkpointer.directory / str(start)
-    check_identity(self.checkpointer.read_meta(start)["run"], self.config, where)
+    check_identity(self.checkpointer.read_meta(start)["run"], self.config, where,
+                   self.run.identity)
     saved, meta = self.checkpointer.restore(
         start, checkpoint_lib.abstract(state_lib.checkpointed(self.state)))
     self.state = self.state.replace(**saved)
@@ -119,7 +128,8 @@ class Loop:
     return value
 
   def save(self, step: int) -> None:
-    meta = {"data_iterator": self.iterator.get_state(), "run": run_identity(self.config),
+    meta = {"data_iterator": self.iterator.get_state(),
+            "run": run_identity(self.config, self.run.identity),
             "base_model": self.config.model.name_or_path, "strategy": self.config.strategy.name,
             "tracker": self.tracker.state(), "last_eval": self.last_eval}
     self.checkpointer.save(step, state_lib.checkpointed(self.state), meta,

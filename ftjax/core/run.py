@@ -3,7 +3,9 @@
 Order (`setup`):
   1. Validate the config; build the mesh; check batch sizes against it.
   2. Load the pretrained model with the head the objective needs, straight
-     into its shardings; stack the PEFT adapters (`strategy`).
+     into its shardings (`ftjax.core.sources`: a checkpoint or a finished run,
+     optionally cut to `model.layers`); stack the PEFT adapters (`strategy`);
+     the objective loads its frozen reference models (a teacher).
   3. Label every parameter trainable/frozen (`ftjax.peft.partition`): new
      parameters (a head the checkpoint lacks) are trainable.
   4. The objective turns the splits into batches; durations become steps.
@@ -25,6 +27,7 @@ from absl import logging
 
 from ftjax import config as config_lib
 from ftjax import models, objectives, optim, sharding
+from ftjax.core import sources as model_sources
 from ftjax.core import state as state_lib
 from ftjax.core.transfer import init_from
 from ftjax.data import instruct, sources
@@ -52,8 +55,12 @@ class Run:
   # Flat parameter path -> "trainable" | "frozen".
   path_labels: dict[str, str]
   tokenizer: Any = None
-  # Frozen reference models by name (teacher, DPO reference); none yet.
+  # Frozen reference models' parameters by name (a teacher, a DPO reference): the
+  # steps' `refs` argument; their graphs belong to the objective.
   refs: dict = dataclasses.field(default_factory=dict)
+  # What a checkpoint must also agree on beyond the config (a run's step the model or
+  # a reference was loaded from, a reference's identity); see `loop.run_identity`.
+  identity: dict = dataclasses.field(default_factory=dict)
   workdir: pathlib.Path | None = None
   feature_cache_dir: pathlib.Path | None = None
 
@@ -101,29 +108,36 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 def load_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """The pretrained model of `config.model` with the run's adapters stacked on it.
 
-  Parameters are created straight into their shardings on `mesh`. Returns
-  (model, params, paths the checkpoint lacked, tokenizer).
+  `model.name_or_path` is anything `ftjax.core.sources` loads (a checkpoint or
+  a finished run), cut to `model.layers` when set. Parameters are created
+  straight into their shardings on `mesh`. Returns (model, params, paths the
+  checkpoint lacked, tokenizer).
   """
+  return _load_model(config, mesh)[:4]
+
+
+def _load_model(config, mesh):
+  """`load_model`, plus what identifies the weights beyond the config (`Source.identity`)."""
   m = config.model
 
   def shardings(model):
     return sharding.param_shardings(config, mesh, model.abstract_params, model.param_axes)
 
-  loaded = models.load_pretrained(
+  source = model_sources.load(
       m.name_or_path, task=m.task, num_labels=m.num_labels, dtype=m.dtype, pooling=m.pooling,
-      allow_pickle=m.allow_pickle, seed=config.seed, shardings=shardings)
-  model, params = loaded.model, loaded.params
+      allow_pickle=m.allow_pickle, seed=config.seed, shardings=shardings,
+      layers=tuple(m.layers))
+  model, params = source.model, source.params
   if config_lib.objective_class(config) is None:
     raise FtjaxError(f"model.task={m.task!r}: training needs a head; set "
                      f"--config.model.task=classification (or causal_lm for a decoder)")
-  tokenizer = models.load_tokenizer(m.name_or_path)
   adapters = adapter_lib.from_config(config.strategy)
   if adapters:
     model, params = adapter_lib.add_adapters(model, params, adapters,
                                              jax.random.key(config.seed + 1))
     # The new adapters onto the mesh too (the base weights are there already).
     params = jax.device_put(params, shardings(model))
-  return model, params, loaded.new_paths, tokenizer
+  return model, params, source.new_paths, source.tokenizer, source.identity
 
 
 def execution(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -155,14 +169,14 @@ def setup(config: ml_collections.ConfigDict, devices=None,
   mesh = sharding.make_mesh(config, devices)
   check_batch_sizes(config, mesh)
   _check_data_files(config)
-  model, params, new_paths, tokenizer = load_model(config, mesh)
+  model, params, new_paths, tokenizer, model_identity = _load_model(config, mesh)
   config = _fit_to_positions(config, model)
   objective = config_lib.objective_class(config)(config)
-  if objective.references:
-    # The step and compile_steps take reference models (`Run.refs`); loading them (a
-    # teacher, a DPO reference) comes with the first objective that needs one.
-    raise FtjaxError(f"objective {objective.name!r} needs reference models "
-                     f"{objective.references}, which ftjax cannot load yet")
+  references = objective.load_references(
+      model, tokenizer, lambda m: sharding.param_shardings(config, mesh, m.abstract_params,
+                                                           m.param_axes))
+  identity = {"model.source": model_identity} if model_identity else {}
+  identity.update({f"references.{name}": ref.identity for name, ref in references.items()})
   new_paths = set(new_paths)
   if config.init_from:
     params, restored, reinitialised = init_from(config.init_from, model, params)
@@ -190,8 +204,9 @@ def setup(config: ml_collections.ConfigDict, devices=None,
   state = state_lib.init_state(trainable, frozen, optimizer, mesh)
   run = Run(config=config, model=model, objective=objective, data=data, steps=steps, mesh=mesh,
             initial_state=state, optimizer=optimizer, learning_rate=learning_rate,
-            path_labels=path_labels, tokenizer=tokenizer, workdir=workdir,
-            feature_cache_dir=feature_cache_dir)
+            path_labels=path_labels, tokenizer=tokenizer,
+            refs={name: ref.params for name, ref in references.items()}, identity=identity,
+            workdir=workdir, feature_cache_dir=feature_cache_dir)
   objective.prepare(run)
   return run
 

@@ -20,6 +20,9 @@ length buckets of `ftjax.data.batching`, as for classification) or, with
                                  the same segment (the loss mask), else 0
   task_ids        (b, L) int32   the task of each token's example
   weights         (b,)   float32 1, or 0 for eval filler rows
+  example_ids     (b, L) int32   the split index of each token's example, -1 =
+                                 padding (host bookkeeping: a teacher cache
+                                 looks rows up by it; the step never sees it)
 
 With segment ids, attention never crosses examples (`ftjax.models.decoder`),
 so a packed row computes exactly the per-example losses of the unpacked rows.
@@ -170,6 +173,7 @@ def make_batch(split: InstructSplit, rows: Sequence[Sequence[int]], length: int,
   targets = np.zeros((b, length), np.int32)
   target_weights = np.zeros((b, length), np.float32)
   task_ids = np.zeros((b, length), np.int32)
+  example_ids = np.full((b, length), -1, np.int32)
   for r, examples in enumerate(rows):
     start = 0
     for segment, i in enumerate(examples, start=1):
@@ -182,11 +186,12 @@ def make_batch(split: InstructSplit, rows: Sequence[Sequence[int]], length: int,
       # Slot t predicts token t+1: a loss where token t+1 is in the response.
       target_weights[r, start + split.prompt_lengths[i] - 1:end - 1] = 1.0
       task_ids[r, start:end] = split.task_ids[i]
+      example_ids[r, start:end] = i
       start = end
   target_weights *= weights[:, None]
   return {"input_ids": input_ids, "segment_ids": segment_ids, "positions": positions,
           "targets": targets, "target_weights": target_weights, "task_ids": task_ids,
-          "weights": weights.astype(np.float32)}
+          "weights": weights.astype(np.float32), "example_ids": example_ids}
 
 
 class _Stream:

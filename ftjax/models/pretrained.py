@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -275,3 +276,37 @@ def load_tokenizer(name_or_path: str):
     return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"no usable tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+
+
+_LAYER_PATH = re.compile(r"(?P<stack>(?:.*/)?layers)/(?P<index>\d+)/(?P<rest>.*)")
+
+
+def keep_layers(model: Model, params: Params, layers: Iterable[int], *,
+                where: str = "the checkpoint") -> tuple[Model, Params]:
+  """The model cut to `layers` of its layer stack (renumbered 0, 1, ...), other weights kept.
+
+  DistilBERT's initialisation of a student from its teacher ("one layer of
+  two": `layers=(0, 2, 4)` of a 6-layer model). Per-layer config entries
+  (a decoder's `layer_types`) are cut the same way.
+  """
+  layers = tuple(layers)
+  n = model.config.num_layers
+  if (not layers or len(set(layers)) != len(layers) or list(layers) != sorted(layers)
+      or layers[0] < 0 or layers[-1] >= n):
+    raise ConfigError(f"config key 'model.layers' is {layers!r}; expected increasing layer "
+                      f"indices in [0, {n}) of {where} ({n} layers)")
+  if model.adapters:
+    raise ValueError("keep_layers cuts a model before adapters are stacked on it")
+  updates = {"num_layers": len(layers)}
+  if getattr(model.config, "layer_types", ()):
+    updates["layer_types"] = tuple(model.config.layer_types[i] for i in layers)
+  cut = Model.build(dataclasses.replace(model.config, **updates))
+  new_index = {old: new for new, old in enumerate(layers)}
+  flat = {}
+  for path, value in keymap.flatten(params).items():
+    match = _LAYER_PATH.fullmatch(path)
+    if match is None:
+      flat[path] = value
+    elif int(match["index"]) in new_index:
+      flat[f"{match['stack']}/{new_index[int(match['index'])]}/{match['rest']}"] = value
+  return cut, keymap.unflatten(flat, cut.abstract_params)

@@ -10,6 +10,7 @@ from ftjax.errors import ConfigError
 from ftjax.objectives.base import Data, Objective
 from ftjax.objectives.causal_lm import CausalLM
 from ftjax.objectives.classification import Classification
+from ftjax.objectives.distill import Distill
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -43,6 +44,7 @@ def get(name: str) -> type[Objective]:
 
 register(Classification)
 register(CausalLM)
+register(Distill)
 
-__all__ = ["CausalLM", "Classification", "Data", "Objective", "get", "name_of", "names",
-           "register"]
+__all__ = ["CausalLM", "Classification", "Data", "Distill", "Objective", "get", "name_of",
+           "names", "register"]

@@ -38,6 +38,18 @@ import numpy as np
 
 Batch = Mapping[str, jax.Array]
 HostBatch = Mapping[str, np.ndarray]
+# Host batch keys that say where rows come from; the step never reads them.
+BOOKKEEPING = ("index", "example_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """A frozen reference model: its graph, its parameters (the step's `refs[name]`) and
+  what identifies it (recorded in every checkpoint; resuming with another is refused)."""
+
+  model: Any
+  params: Any
+  identity: dict
 
 
 @dataclasses.dataclass
@@ -73,6 +85,18 @@ class Objective(abc.ABC):
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
 
+  @classmethod
+  def head_for(cls, config: ml_collections.ConfigDict) -> str:
+    """The head this objective trains under `config` (a wrapper's depends on what it wraps)."""
+    del config
+    return cls.head
+
+  @classmethod
+  def metrics_for(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The metrics `eval.metric` may name under `config`."""
+    del config
+    return cls.metrics
+
   @staticmethod
   @abc.abstractmethod
   def batch_spec(batch_size: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -93,13 +117,25 @@ class Objective(abc.ABC):
   def build_data(self, model, tokenizer) -> Data:
     """Tokenises the splits and fixes the padded lengths (see `Data`)."""
 
+  def load_references(self, model, tokenizer, shardings) -> dict[str, "Reference"]:
+    """The frozen reference models `references` names, loaded (a teacher, a DPO reference).
+
+    `shardings(model)` gives a model's parameter shardings by the run's rules;
+    `model` and `tokenizer` are the trained model's (to check the two agree).
+    """
+    del model, tokenizer, shardings
+    if self.references:
+      raise NotImplementedError(f"objective {self.name!r} names references {self.references} "
+                                f"but does not load them")
+    return {}
+
   def prepare(self, run) -> None:
     """Called once the run's state exists (e.g. to compute cached features)."""
 
   def host_batch(self, split_name: str, batch: HostBatch) -> HostBatch:
     """The arrays of a host batch the step reads (drops bookkeeping keys such as `index`)."""
     del split_name
-    return {k: v for k, v in batch.items() if k != "index"}
+    return {k: v for k, v in batch.items() if k not in BOOKKEEPING}
 
   # Parameters.
 
@@ -107,6 +143,26 @@ class Objective(abc.ABC):
     """Trainable parameters of the objective itself (none by default)."""
     del model, rng
     return {}
+
+  # What a wrapping objective (distillation) builds on; the built-in objectives have them.
+
+  def forward(self, model, params, batch: Batch, *, rng, deterministic: bool):
+    """The model's `ModelOutput` on a batch (logits and hidden states)."""
+    raise NotImplementedError(f"objective {self.name!r} cannot be wrapped (no forward)")
+
+  def hard_loss(self, logits, batch: Batch, normalizer) -> tuple[jax.Array, dict]:
+    """(loss, summable sums) of the objective on logits `forward` returned."""
+    raise NotImplementedError(f"objective {self.name!r} cannot be wrapped (no hard_loss)")
+
+  def logit_weights(self, batch: Batch) -> jax.Array:
+    """Weights of the logits' leading dims (rows, or tokens) in the loss; they sum to
+    `normalizer(batch)`."""
+    raise NotImplementedError(f"objective {self.name!r} cannot be wrapped (no logit_weights)")
+
+  def token_weights(self, batch: Batch) -> jax.Array:
+    """(batch, length) weights of hidden states in a per-token loss, summing to
+    `normalizer(batch)` (each row's real tokens share its weight, or the loss mask)."""
+    raise NotImplementedError(f"objective {self.name!r} cannot be wrapped (no token_weights)")
 
   # Loss and metrics (traced inside the jitted steps).
 

@@ -70,11 +70,22 @@ class CausalLM(base.Objective):
   def normalizer(self, batch):
     return batch["target_weights"].sum()
 
-  def _loss_sums(self, model, params, batch, *, rng, deterministic, normalizer):
+  def forward(self, model, params, batch, *, rng, deterministic):
     rngs = None if rng is None else nnx.Rngs(dropout=rng)
-    logits = model.apply(params, batch["input_ids"], segment_ids_bt=batch["segment_ids"],
-                         positions_bt=batch["positions"], deterministic=deterministic,
-                         rngs=rngs).logits
+    return model.apply(params, batch["input_ids"], segment_ids_bt=batch["segment_ids"],
+                       positions_bt=batch["positions"], deterministic=deterministic, rngs=rngs)
+
+  def logit_weights(self, batch):
+    return batch["target_weights"]
+
+  def token_weights(self, batch):
+    return batch["target_weights"]
+
+  def _loss_sums(self, model, params, batch, *, rng, deterministic, normalizer):
+    logits = self.forward(model, params, batch, rng=rng, deterministic=deterministic).logits
+    return self.hard_loss(logits, batch, normalizer)
+
+  def hard_loss(self, logits, batch, normalizer):
     weights = batch["target_weights"]
     loss, sums, ce = cross_entropy(logits, batch["targets"], weights, normalizer)
     task_bt = jax.nn.one_hot(batch["task_ids"], self.num_tasks, dtype=jnp.float32)

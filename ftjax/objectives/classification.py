@@ -89,7 +89,22 @@ class Classification(base.Objective):
            normalizer):
     del objective_params, refs
     logits = self.logits(model, params, batch, rng=rng, deterministic=deterministic)
+    return self.hard_loss(logits, batch, normalizer)
+
+  def forward(self, model, params, batch, *, rng, deterministic):
+    rngs = None if rng is None else nnx.Rngs(dropout=rng)
+    return model.apply(params, batch["input_ids"], batch["attention_mask"],
+                       deterministic=deterministic, rngs=rngs, **pipeline.token_types(batch))
+
+  def hard_loss(self, logits, batch, normalizer):
     return cross_entropy(logits, batch["labels"], batch["weights"], normalizer)[:2]
+
+  def logit_weights(self, batch):
+    return batch["weights"]
+
+  def token_weights(self, batch):
+    mask = batch["attention_mask"].astype(jnp.float32)
+    return mask / jnp.maximum(mask.sum(-1, keepdims=True), 1.0) * batch["weights"][:, None]
 
   def eval_outputs(self, model, params, objective_params, refs, batch):
     del objective_params, refs

@@ -1,0 +1,277 @@
+"""Distillation (`ftjax.objectives.distill`): losses, the frozen teacher, the projection,
+the teacher cache, students cut from the teacher, decoders, and the config errors.
+
+Tiny BERTs share MiniLM's tokenizer; tiny Llamas share a small BPE tokenizer.
+The teacher is a finished tiny run (a workdir), which also exercises loading a
+run as a model.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from ftjax import checkpoint as checkpoint_lib
+from ftjax import config as config_lib
+from ftjax import export, optim, train
+from ftjax.core import compiled
+from ftjax.core import run as run_lib
+from ftjax.errors import ConfigError
+from ftjax.models import keymap
+from ftjax.objectives import distill
+from ftjax.peft import partition
+from tests import tiny
+
+DEVICES = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Assets:
+  data: pathlib.Path
+  teacher: pathlib.Path        # a finished 4-layer run (workdir), hidden 32
+  wide_teacher: pathlib.Path   # a finished 2-layer run, hidden 48
+  student: pathlib.Path        # a random 2-layer BERT folder, hidden 32
+
+
+def _bert_config(model, data, **overrides):
+  base = {"training.num_steps": 4, "eval.every_steps": 4, "eval.splits": ("validation",),
+          "data.num_buckets": 1, "training.batch_size": 8, "optimizer.warmup_steps": 0}
+  return tiny.config(model, data, **{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, minilm_dir, data_dir) -> Assets:
+  root = tmp_path_factory.mktemp("distill")
+  data = tiny.make_data(root / "data", data_dir, sizes=(("train", 64), ("validation", 32)))
+  teacher_model = tiny.make_model(root / "teacher_model", minilm_dir, dropout=0.0)
+  wide_model = tiny.make_model(root / "wide_model", minilm_dir, dropout=0.0, num_layers=2,
+                               hidden_size=48)
+  student = tiny.make_model(root / "student", minilm_dir, dropout=0.0, num_layers=2)
+  devices = jax.devices()[:DEVICES]
+  train.train_and_evaluate(_bert_config(teacher_model, data), str(root / "teacher"),
+                           devices=devices)
+  train.train_and_evaluate(_bert_config(wide_model, data), str(root / "wide_teacher"),
+                           devices=devices)
+  return Assets(data, root / "teacher", root / "wide_teacher", student)
+
+
+def _distill_config(assets, model=None, **overrides):
+  c = _bert_config(model or assets.teacher, assets.data)
+  c.objective.name = "distill"
+  c.objective.teacher = str(assets.teacher)
+  config_lib.override(c, overrides)
+  return config_lib.validate(c)
+
+
+def _batch(run):
+  return run.device_batch(run.config.data.train_split, next(iter(run.data.train_iterator(1))))
+
+
+def _loss_and_grads(run, batch, alpha_one_objective=None):
+  objective = alpha_one_objective or run.objective
+  state = run.initial_state
+
+  def loss_fn(trainable):
+    params, objective_params = run_lib.state_lib.split_objective(trainable)
+    params = partition.merge(params, state.frozen)
+    return objective.loss(run.model, params, objective_params, run.refs, batch, rng=None,
+                          deterministic=True, normalizer=objective.normalizer(batch))
+
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+  return loss, sums, grads
+
+
+def test_forward_kl_at_t1_equals_a_hand_computed_value():
+  teacher, student = np.array([[1.0, 2.0, 3.0]]), np.array([[3.0, 2.0, 1.0]])
+  p = np.exp(teacher) / np.exp(teacher).sum()
+  q = np.exp(student) / np.exp(student).sum()
+  # p = (0.0900, 0.2447, 0.6652): KL(p||q) = sum p log(p/q) = 2 * (0.6652 - 0.0900) = 1.1504
+  assert math.isclose((p * np.log(p / q)).sum(), 2 * (p[0, 2] - p[0, 0]), rel_tol=1e-6)
+  got = distill.divergence(jnp.asarray(student), jnp.asarray(teacher), "forward_kl", 0.5)
+  np.testing.assert_allclose(np.asarray(got), [1.1504], atol=1e-4)
+  reverse = distill.divergence(jnp.asarray(student), jnp.asarray(teacher), "reverse_kl", 0.5)
+  np.testing.assert_allclose(np.asarray(reverse), [(q * np.log(q / p)).sum()], rtol=1e-5)
+  beta = 0.3
+  m = beta * p + (1 - beta) * q
+  jsd = beta * (p * np.log(p / m)).sum() + (1 - beta) * (q * np.log(q / m)).sum()
+  got = distill.divergence(jnp.asarray(student), jnp.asarray(teacher), "jsd", beta)
+  np.testing.assert_allclose(np.asarray(got), [jsd], rtol=1e-5)
+
+
+def test_top_k_over_the_whole_vocabulary_is_the_full_divergence():
+  rng = np.random.default_rng(0)
+  student, teacher = (jnp.asarray(rng.normal(size=(3, 5, 11)), jnp.float32) for _ in range(2))
+  for kind in distill.DIVERGENCES:
+    full = distill.divergence(student, teacher, kind, 0.4)
+    whole = distill.topk_divergence(student, *distill.teacher_summary(teacher, 11), kind, 0.4)
+    np.testing.assert_allclose(np.asarray(whole), np.asarray(full), rtol=1e-5, atol=1e-6)
+    # k < V: k + 1 outcomes, a coarser distribution: never more divergent (data processing).
+    coarse = distill.topk_divergence(student, *distill.teacher_summary(teacher, 3), kind, 0.4)
+    assert np.all(np.asarray(coarse) <= np.asarray(full) + 1e-6)
+    assert np.all(np.asarray(coarse) >= -1e-6)
+
+
+def test_student_equal_to_teacher_has_zero_loss_and_zero_gradients(assets):
+  run = run_lib.setup(_distill_config(assets, **{"objective.alpha": 0.0,
+                                                 "objective.temperature": 3.0}),
+                      jax.devices()[:DEVICES])
+  loss, sums, grads = _loss_and_grads(run, _batch(run))
+  assert abs(float(loss)) < 1e-6 and abs(float(sums["kd_sum"])) < 1e-5
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-6
+
+
+def test_alpha_1_is_the_base_objective(assets):
+  config = _distill_config(assets, model=assets.student, **{"objective.alpha": 1.0})
+  run = run_lib.setup(config, jax.devices()[:DEVICES])
+  batch = _batch(run)
+  loss, _, grads = _loss_and_grads(run, batch)
+  base_loss, _, base_grads = _loss_and_grads(run, batch, run.objective.base)
+  assert float(loss) == float(base_loss)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # With alpha < 1 the teacher changes the loss.
+  soft = run_lib.setup(_distill_config(assets, model=assets.student,
+                                       **{"objective.alpha": 0.5}), jax.devices()[:DEVICES])
+  assert float(_loss_and_grads(soft, batch)[0]) != float(loss)
+
+
+def _trainable(workdir):
+  step = checkpoint_lib.find(workdir)[1]
+  return checkpoint_lib.read_trainable(pathlib.Path(workdir), step)
+
+
+def test_teacher_is_frozen_unsaved_and_has_no_optimizer_state(assets):
+  config = _distill_config(assets, model=assets.student, **{"objective.hidden_weight": 1.0})
+  run = run_lib.setup(config, jax.devices()[:DEVICES])
+  teacher_before = jax.tree.map(np.array, run.refs["teacher"])
+  train_step, _ = compiled.compile_steps(run)
+  state, rng = run.initial_state, jax.random.key(0)
+  iterator = run.data.train_iterator(3)
+  for _ in range(3):
+    state, metrics = train_step(state, run.device_batch("train", next(iterator)), rng)
+  assert float(metrics["kd_loss"]) > 0 and float(metrics["hidden_loss"]) > 0
+  for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(run.refs["teacher"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  # Adam's two moments of the student's trainable parameters, and nothing of the teacher's.
+  trainable_bytes = sum(x.nbytes for x in jax.tree.leaves(state.trainable))
+  teacher_bytes = sum(x.nbytes for x in jax.tree.leaves(run.refs["teacher"]))
+  assert teacher_bytes > trainable_bytes / 2
+  assert 2 * trainable_bytes <= optim.state_bytes(state.opt_state) <= 2 * trainable_bytes + 64
+  assert "teacher" not in json.dumps(list(keymap.flatten(state.trainable)))
+
+
+def test_projection_trains_resumes_bitwise_and_is_not_exported(assets, tmp_path):
+  """A 32-wide student learns from a 48-wide teacher's hidden states through a projection."""
+  config = _distill_config(assets, model=assets.student, **{
+      "objective.teacher": str(assets.wide_teacher), "objective.hidden_weight": 1.0,
+      "training.num_steps": 6, "checkpoint.every_steps": 3, "eval.every_steps": 3})
+  devices = jax.devices()[:DEVICES]
+  train.train_and_evaluate(config, str(tmp_path / "whole"), devices=devices)
+  train.train_and_evaluate(config, str(tmp_path / "resumed"), devices=devices, stop_at_step=3)
+  at_3 = _trainable(tmp_path / "resumed")
+  train.train_and_evaluate(config, str(tmp_path / "resumed"), devices=devices)
+  whole, resumed = _trainable(tmp_path / "whole"), _trainable(tmp_path / "resumed")
+  projections = [p for p in whole if p.startswith("objective/projection/")]
+  assert sorted(projections) == ["objective/projection/1/bias", "objective/projection/1/kernel",
+                                 "objective/projection/2/bias", "objective/projection/2/kernel"]
+  assert whole["objective/projection/1/kernel"].shape == (32, 48)
+  assert whole.keys() == resumed.keys()
+  for path in whole:
+    np.testing.assert_array_equal(whole[path], resumed[path], err_msg=path)
+  assert not np.array_equal(at_3["objective/projection/1/kernel"],
+                            whole["objective/projection/1/kernel"])
+  out = export.export(tmp_path / "whole", tmp_path / "export")
+  names = load_file(out / "model.safetensors")
+  assert not any("projection" in name for name in names)
+  assert transformers.BertForSequenceClassification.from_pretrained(out).config.hidden_size == 32
+
+
+def test_student_cut_from_the_teacher_run_exports_to_pytorch(assets, tmp_path):
+  """model.name_or_path = the teacher's workdir, model.layers = (0, 2): DistilBERT's start."""
+  config = _distill_config(assets, **{"model.layers": (0, 2), "training.num_steps": 2,
+                                      "eval.every_steps": 2})
+  run = run_lib.setup(config, jax.devices()[:DEVICES])
+  teacher = _trainable(assets.teacher)
+  student = keymap.flatten(run.model_params(run.initial_state))
+  assert run.model.config.num_layers == 2
+  np.testing.assert_array_equal(student["encoder/layers/1/attention/query/kernel"],
+                                teacher["encoder/layers/2/attention/query/kernel"])
+  np.testing.assert_array_equal(student["classifier/out/kernel"], teacher["classifier/out/kernel"])
+  train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:DEVICES])
+  out = export.export(tmp_path / "run", tmp_path / "export")
+  _, model, params, tokenizer, _, _ = export.restore_params(tmp_path / "run")
+  texts = ["a gripping, beautifully made film", "dull"]
+  enc = tokenizer(texts, padding=True, return_tensors="np")
+  ours = model.apply(params, enc["input_ids"], enc["attention_mask"],
+                     token_type_ids=enc["token_type_ids"]).logits
+  pt = transformers.BertForSequenceClassification.from_pretrained(out).eval()
+  assert pt.config.num_hidden_layers == 2
+  with torch.no_grad():
+    theirs = pt(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5)
+
+
+def test_cached_teacher_trains_like_the_online_teacher(assets, tmp_path):
+  overrides = {"objective.temperature": 2.0, "training.num_steps": 4}
+  online = _distill_config(assets, model=assets.student, **overrides)
+  cached = _distill_config(assets, model=assets.student, **{**overrides,
+                                                             "objective.cache_teacher": True})
+  devices = jax.devices()[:DEVICES]
+  train.train_and_evaluate(online, str(tmp_path / "online"), devices=devices)
+  train.train_and_evaluate(cached, str(tmp_path / "cached"), devices=devices)
+  assert list((tmp_path / "cached" / "feature_cache").glob("teacher-*.npz"))
+  a, b = _trainable(tmp_path / "online"), _trainable(tmp_path / "cached")
+  for path in a:
+    np.testing.assert_allclose(a[path], b[path], atol=1e-6, err_msg=path)
+
+
+def test_resuming_with_another_teacher_is_refused(assets, tmp_path):
+  config = _distill_config(assets, model=assets.student, **{"training.num_steps": 2,
+                                                           "eval.every_steps": 2})
+  train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:DEVICES],
+                           stop_at_step=1)
+  other = _distill_config(assets, model=assets.student, **{
+      "training.num_steps": 2, "eval.every_steps": 2,
+      "objective.teacher": str(assets.wide_teacher)})
+  with pytest.raises(Exception, match="holds a checkpoint of another run"):
+    train.train_and_evaluate(other, str(tmp_path / "run"), devices=jax.devices()[:DEVICES])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"objective.temperature": 0.0}, "'objective.temperature' is 0.0; expected a temperature > 0"),
+    ({"objective.alpha": 1.5}, "'objective.alpha' is 1.5; expected a weight in [0, 1]"),
+    ({"objective.divergence": "kl"}, "'objective.divergence' is 'kl'"),
+    ({"objective.divergence": "jsd", "objective.beta": 0.0}, "'objective.beta' is 0.0"),
+    ({"objective.teacher": ""}, "'objective.teacher' is ''"),
+    ({"objective.top_k": 5}, "'objective.top_k' is 5; expected 0 for classification"),
+    ({"objective.cache_teacher": True, "objective.hidden_weight": 1.0},
+     "'objective.hidden_weight' is 1.0"),
+    ({"objective.base": "distill"}, "'objective.base' is 'distill'"),
+    ({"model.layers": (2, 0)}, "'model.layers' is (2, 0)"),
+])
+def test_config_errors_name_the_key(assets, overrides, message):
+  with pytest.raises(ConfigError) as error:
+    _distill_config(assets, **overrides)
+  assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_layers_out_of_range_and_other_vocabularies_are_one_line(assets, tmp_path, data_dir):
+  with pytest.raises(ConfigError, match=r"'model.layers' is \(0, 4\); expected increasing layer "
+                     r"indices in \[0, 4\)"):
+    run_lib.setup(_distill_config(assets, **{"model.layers": (0, 4)}), jax.devices()[:DEVICES])
+  tiny.make_tokenizer(tmp_path / "tokenizer", data_dir)
+  llama = tiny.make_decoder(tmp_path / "llama", tmp_path / "tokenizer")
+  with pytest.raises(ConfigError) as error:
+    run_lib.setup(_distill_config(assets, model=assets.student,
+                                  **{"objective.teacher": str(llama)}), jax.devices()[:DEVICES])
+  line = str(error.value)
+  assert "\n" not in line and "llama, 2048-token vocabulary" in line, line
+  assert "bert, 30522-token vocabulary" in line and "different tokenizers" in line, line
