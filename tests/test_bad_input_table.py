@@ -48,6 +48,8 @@ RUN = {"strategy.name": "head_only", "data.max_length": POSITIONS, "data.num_buc
 LONG_REVIEWS = 3  # training examples longer than the model's positions
 # Set by the cases that resume the finished run: 3 more steps, a save after each.
 CONTINUE = {"training.num_steps": 6, "checkpoint.every_steps": 1}
+# The finished run's model, distilled from the finished run itself.
+DISTILL = {"objective.name": "distill", "objective.teacher": "<run>", "strategy.name": "full"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +358,21 @@ CASES = [
          {"data.max_length": 16},
          ("has a prompt of at least data.max_length=16 tokens",
           "expected a larger data.max_length"), lm=True),
+    # Distillation (ftjax.objectives.distill) and students cut from a model's layers.
+    Case("model_layers_out_of_range", "--config.model.layers=\"(0, 5)\" (2 layers)",
+         {"model.layers": (0, 5)},
+         ("'model.layers' is (0, 5); expected increasing layer indices in [0, 2)",)),
+    Case("distill_temperature_0", "--config.objective.name=distill "
+         "--config.objective.temperature=0", DISTILL | {"objective.temperature": 0.0},
+         ("'objective.temperature' is 0.0; expected a temperature > 0",)),
+    Case("distill_alpha_outside_0_1", "--config.objective.name=distill --config.objective.alpha=1.5",
+         DISTILL | {"objective.alpha": 1.5},
+         ("'objective.alpha' is 1.5; expected a weight in [0, 1]",)),
+    Case("distill_teacher_other_vocabulary", "a Llama teacher (2,048-token BPE) for a BERT "
+         "student", DISTILL | {"objective.teacher": "<lm_model>"},
+         ("the teacher '<lm_model>' (llama, 2048-token vocabulary",
+          "and the student '<model>' (bert, 30522-token vocabulary",
+          "expected the same tokenizer")),
     Case("head_only_on_causal_lm", "--config.strategy.name=head_only with a decoder",
          {"strategy.name": "head_only"},
          ("strategy.name='head_only' leaves no parameter", "choose full, freeze or lora"),
@@ -402,7 +419,7 @@ class Prepared:
 
 
 def _prepare(case: Case, root: pathlib.Path, assets: Assets, finished_run: FinishedRun,
-             lm: LmAssets | None) -> Prepared:
+             lm: LmAssets | None, lm_model: pathlib.Path | None = None) -> Prepared:
   """The case's data folder (edited) and workdir (a copy of the finished run) under `root`."""
   data = root / "data"
   shutil.copytree(lm.data if lm else assets.data, data)
@@ -410,7 +427,8 @@ def _prepare(case: Case, root: pathlib.Path, assets: Assets, finished_run: Finis
     case.edit_data(data)
   workdir = root / "workdir"
   paths = {"<data>": str(data), "<run>": str(finished_run.workdir), "<workdir>": str(workdir),
-           "<lm_data>": str(lm.data) if lm else ""}
+           "<lm_data>": str(lm.data) if lm else "", "<model>": str(assets.model),
+           "<lm_model>": str(lm_model or "")}
   if not lm:  # The bad input must leave the finished run's checkpoint alone.
     shutil.copytree(finished_run.workdir, workdir)
   return Prepared(workdir, paths, _fill({"data.path": str(data), **case.overrides}, paths))
@@ -470,7 +488,9 @@ def test_bad_input_fails_with_one_clear_line(case, request, assets, finished_run
     returncode = process.wait(timeout=300)
     line = _error_line(returncode, stderr.read_text(encoding="utf-8"))
   else:
-    prepared = _prepare(case, tmp_path, assets, finished_run, lm)
+    lm_model = (request.getfixturevalue("lm_assets").model
+                if "<lm_model>" in repr(case.overrides) else None)
+    prepared = _prepare(case, tmp_path, assets, finished_run, lm, lm_model)
     if lm:
       config = config_lib.override(tiny.lm_config(lm.model, lm.data), prepared.overrides)
     else:

@@ -275,3 +275,95 @@ def test_layers_out_of_range_and_other_vocabularies_are_one_line(assets, tmp_pat
   line = str(error.value)
   assert "\n" not in line and "llama, 2048-token vocabulary" in line, line
   assert "bert, 30522-token vocabulary" in line and "different tokenizers" in line, line
+
+
+# ------------------------------------------------------------------ decoders
+
+
+@pytest.fixture(scope="module")
+def lm_assets(tmp_path_factory, data_dir):
+  root = tmp_path_factory.mktemp("distill_lm")
+  tiny.make_tokenizer(root / "tokenizer", data_dir, vocab_size=512)
+  teacher = tiny.make_decoder(root / "teacher", root / "tokenizer", num_layers=2, seed=1)
+  data = tiny.make_instruct_data(root / "data", data_dir, "instruction",
+                                 sizes=(("train", 24), ("test", 8)))
+  return teacher, data
+
+
+def _lm_distill_config(teacher, data, **overrides):
+  c = tiny.lm_config(teacher, data, **{"model.layers": (1,), "data.packing": True,
+                                       "data.max_length": 256, "training.num_steps": 3,
+                                       "eval.max_examples": 8})
+  c.objective.name = "distill"
+  c.objective.teacher = str(teacher)
+  c.objective.alpha = 0.2
+  config_lib.override(c, overrides)
+  return config_lib.validate(c)
+
+
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_decoder_cached_top_k_trains_like_online(lm_assets, tmp_path, top_k):
+  """Packed rows look their tokens' teacher outputs up by example and position; with
+  top_k = 0 the whole vocabulary is cached and the loss is the online one."""
+  teacher, data = lm_assets
+  devices = jax.devices()[:DEVICES]
+  online = _lm_distill_config(teacher, data, **{"objective.top_k": top_k})
+  cached = _lm_distill_config(teacher, data, **{"objective.top_k": top_k,
+                                                "objective.cache_teacher": True})
+  first = train.train_and_evaluate(online, str(tmp_path / "online"), devices=devices)
+  second = train.train_and_evaluate(cached, str(tmp_path / "cached"), devices=devices)
+  cache = np.load(next((tmp_path / "cached" / "feature_cache").glob("teacher-*.npz")))
+  assert cache["values"].shape[1] == (top_k or 512)
+  assert np.isfinite(first["test/perplexity"]) and np.isfinite(second["test/perplexity"])
+  a, b = _trainable(tmp_path / "online"), _trainable(tmp_path / "cached")
+  assert a.keys() == b.keys()
+  for path in a:
+    np.testing.assert_allclose(a[path], b[path], atol=2e-6, err_msg=path)
+  rows = [json.loads(line) for line in (tmp_path / "cached" / "metrics.jsonl").read_text()
+          .splitlines()]
+  assert all(r["train/kd_loss"] > 0 for r in rows if "train/kd_loss" in r)
+
+
+def test_decoder_student_from_every_other_layer_in_bfloat16_teacher(lm_assets, tmp_path):
+  teacher, data = lm_assets
+  config = _lm_distill_config(teacher, data, **{
+      "model.layers": (0,), "objective.teacher_dtype": "bfloat16",
+      "objective.divergence": "jsd", "objective.beta": 0.5, "objective.hidden_weight": 0.5,
+      "objective.hidden_loss": "cosine"})
+  run = run_lib.setup(config, jax.devices()[:DEVICES])
+  assert {x.dtype for x in jax.tree.leaves(run.refs["teacher"])} == {jnp.dtype(jnp.bfloat16)}
+  assert run.model.config.num_layers == 1 and run.objective.hidden_pairs(run.model) == ((1, 2),)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"),
+                                     devices=jax.devices()[:DEVICES])
+  assert np.isfinite(results["test/loss"])
+
+
+def test_sequence_level_distillation_writes_the_teachers_greedy_answers(lm_assets, tmp_path):
+  from ftjax import distill_data, generate as generate_lib, models  # pylint: disable=import-outside-toplevel
+  from ftjax.data import instruct  # pylint: disable=import-outside-toplevel
+  teacher, data = lm_assets
+  config = _lm_distill_config(teacher, data, **{"eval.batch_size": 2, "data.packing": False})
+  mixture = distill_data.distill_data(config, tmp_path / "seqkd", max_new_tokens=6,
+                                      max_examples=5)
+  (name, folder, weight), = mixture
+  assert weight == 1.0 and pathlib.Path(folder) == tmp_path / "seqkd" / name
+  records = [json.loads(line) for line in (pathlib.Path(folder) / "train.jsonl").read_text()
+             .splitlines()]
+  originals = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()[:5]]
+  assert [r["instruction"] for r in records] == [r["instruction"] for r in originals]
+  # Each answer is the teacher's greedy continuation of that prompt alone (no batch padding).
+  model, params = models.from_pretrained(str(teacher), task="causal_lm")
+  tokenizer = models.load_tokenizer(str(teacher))
+  for record, original in zip(records, originals):
+    prompt = tokenizer(instruct.render(original, config.data, tokenizer))["input_ids"]
+    alone = generate_lib.generate(model, params, [prompt], max_new_tokens=6,
+                                  eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    assert record["output"] == tokenizer.decode(alone.tokens[0], skip_special_tokens=True)
+  assert (pathlib.Path(folder) / "test.jsonl").resolve() == (data / "test.jsonl").resolve()
+  student = tiny.lm_config(teacher, pathlib.Path(folder), **{"training.num_steps": 2,
+                                                              "training.batch_size": 4,
+                                                              "eval.max_examples": 4})
+  results = train.train_and_evaluate(student, str(tmp_path / "student"),
+                                     devices=jax.devices()[:DEVICES])
+  assert np.isfinite(results["test/loss"])
