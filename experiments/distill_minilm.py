@@ -186,7 +186,6 @@ def sweep() -> None:
           sys.executable, "-m", "ftjax.main", f"--config={REPO / 'configs/distill_minilm.py'}",
           f"--workdir={run_dir}", f"--config.model.name_or_path={teacher}",
           f"--config.objective.teacher={teacher}", f"--config.model.layers={layers}",
-          "--config.training.log_every_steps=10",
           *([f"--config.objective.alpha={alpha}"] if alpha is not None else []),
           *_EXTRA.value])
   speeds = {}

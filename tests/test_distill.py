@@ -367,3 +367,19 @@ def test_sequence_level_distillation_writes_the_teachers_greedy_answers(lm_asset
   results = train.train_and_evaluate(student, str(tmp_path / "student"),
                                      devices=jax.devices()[:DEVICES])
   assert np.isfinite(results["test/loss"])
+
+
+def test_teacher_is_sharded_like_the_student_and_trains_like_one_device(assets, tmp_path):
+  mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  overrides = {"objective.hidden_weight": 1.0, "training.num_steps": 2, "eval.every_steps": 2}
+  config = _distill_config(assets, model=assets.student, **overrides, **mesh)
+  run = run_lib.setup(config, jax.devices()[:8])
+  student = keymap.flatten(run.initial_state.trainable)
+  teacher = keymap.flatten(run.refs["teacher"])
+  path = "encoder/layers/0/attention/query/kernel"
+  assert teacher[path].sharding.spec == student[path].sharding.spec
+  assert len(teacher[path].sharding.device_set) == 8
+  sharded = train.train_and_evaluate(config, str(tmp_path / "sharded"), devices=jax.devices()[:8])
+  single = train.train_and_evaluate(_distill_config(assets, model=assets.student, **overrides),
+                                    str(tmp_path / "single"), devices=jax.devices()[:1])
+  assert math.isclose(sharded["validation/loss"], single["validation/loss"], rel_tol=1e-4)
