@@ -60,6 +60,8 @@ class Evaluator:
     # Any metric of the objective will do: the evaluator tracks no best.
     config.eval.metric = f"{split}/{config_lib.objective_class(config).metrics_for(config)[0]}"
     config.data.train_split = split
+    if config.objective.get("cache_teacher"):  # A distillation run: nothing here trains.
+      config.objective.cache_teacher = False
     self.config, self.workdir, self.split = config, workdir, split
     # A head-only run on cached features is evaluated on them too (computed
     # for a split the run did not cache), so its metrics are the logged ones.

@@ -226,11 +226,18 @@ def test_cached_teacher_trains_like_the_online_teacher(assets, tmp_path):
                                                              "objective.cache_teacher": True})
   devices = jax.devices()[:DEVICES]
   train.train_and_evaluate(online, str(tmp_path / "online"), devices=devices)
-  train.train_and_evaluate(cached, str(tmp_path / "cached"), devices=devices)
-  assert list((tmp_path / "cached" / "feature_cache").glob("teacher-*.npz"))
+  second = train.train_and_evaluate(cached, str(tmp_path / "cached"), devices=devices)
+  assert len(list((tmp_path / "cached" / "feature_cache").glob("teacher-*.npz"))) == 1
   a, b = _trainable(tmp_path / "online"), _trainable(tmp_path / "cached")
   for path in a:
     np.testing.assert_allclose(a[path], b[path], atol=1e-6, err_msg=path)
+  # The evaluator restores the student and evaluates it as training did (no teacher pass).
+  from ftjax import evaluate  # pylint: disable=import-outside-toplevel
+  row, = evaluate.run_evaluator(str(tmp_path / "cached"), split="validation",
+                                devices=jax.devices()[:DEVICES])
+  assert math.isclose(row["validation/accuracy"], second["validation/accuracy"])
+  assert math.isclose(row["validation/loss"], second["validation/loss"], rel_tol=1e-5)
+  assert len(list((tmp_path / "cached" / "feature_cache").glob("teacher-*.npz"))) == 1
 
 
 def test_resuming_with_another_teacher_is_refused(assets, tmp_path):
