@@ -10,15 +10,28 @@ LoRA checkpoint is megabytes, not the whole model.
 
 Which checkpoints stay (an orbax preservation policy): the latest
 `checkpoint.max_to_keep`, plus the best by `eval.metric` when
-`checkpoint.keep_best`. Saves are asynchronous; orbax writes each step to a
-temporary folder and renames it when complete, so a crash mid-save never
-leaves a checkpoint that looks finished.
+`checkpoint.keep_best`, plus always the newest verified one (so a newer
+checkpoint without its manifest yet never costs the last good one). Saves are
+asynchronous; orbax writes each step to a temporary folder and renames it when
+complete, so a crash mid-save never leaves a checkpoint that looks finished.
+
+Integrity: once orbax has finalised a step, `<step>/ftjax_manifest.json`
+records every file's size and blake2b digest (written atomically). Before a
+checkpoint is restored it is verified against its manifest (`verify`):
+a file truncated, changed or missing since it was written makes it damaged.
+A checkpoint without a manifest (written before ftjax recorded them, or by a
+process killed between orbax's rename and the manifest) restores with a log
+line saying it could not be verified. `checkpoint.verify=False` skips the
+check (for very large checkpoints) and logs that it did.
 """
 
 import contextlib
+import hashlib
+import json
 import os
 import pathlib
 import re
+import time
 from typing import Any
 
 import jax
@@ -27,7 +40,72 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from absl import logging
+
+from ftjax import files
 from ftjax.errors import CheckpointError, ConfigError
+
+MANIFEST = "ftjax_manifest.json"
+_CHUNK = 1 << 22
+
+
+def _digest(path: pathlib.Path) -> str:
+  h = hashlib.blake2b(digest_size=16)
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(step_dir: pathlib.Path) -> None:
+  """`<step_dir>/ftjax_manifest.json`: every file's size and blake2b digest."""
+  step_dir = pathlib.Path(step_dir)
+  entries = {p.relative_to(step_dir).as_posix(): {"bytes": p.stat().st_size, "blake2b": _digest(p)}
+             for p in _files(step_dir)}
+  files.atomic_write_text(step_dir / MANIFEST, json.dumps(
+      {"format": 1, "algorithm": "blake2b-128", "files": entries}, indent=1, sort_keys=True) + "\n")
+
+
+def verify(step_dir: pathlib.Path) -> str | None:
+  """Why the checkpoint at `step_dir` is damaged, or None if every file matches its manifest.
+
+  Raises `FileNotFoundError` when there is no manifest (an unverifiable checkpoint).
+  """
+  step_dir = pathlib.Path(step_dir)
+  try:
+    manifest = json.loads((step_dir / MANIFEST).read_text(encoding="utf-8"))["files"]
+  except FileNotFoundError:
+    raise
+  except (ValueError, KeyError, OSError) as e:
+    return f"its manifest {MANIFEST} is unreadable ({type(e).__name__})"
+  for name, entry in sorted(manifest.items()):
+    path = step_dir / name
+    if not path.is_file():
+      return f"file {name} is missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+      return f"file {name} has {size} bytes, {entry['bytes']} when written"
+    if _digest(path) != entry["blake2b"]:
+      return f"file {name} has changed since it was written (blake2b differs)"
+  return None
+
+
+class LatestVerified:
+  """An orbax preservation policy: keep the newest checkpoint that has a manifest."""
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory = directory
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    verified = [c.step for c in checkpoints
+                if (self.directory / str(c.step) / MANIFEST).is_file()]
+    newest = max(verified, default=None)
+    return [c.step == newest for c in checkpoints]
 
 
 class Checkpointer:
@@ -38,7 +116,10 @@ class Checkpointer:
     """`read_only` for readers beside a training job (an evaluator): they never
     create, clean up or delete anything."""
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    policies = [pp.LatestN(config.checkpoint.max_to_keep)]
+    self.verify_enabled = config.checkpoint.get("verify", True)
+    self.read_only = read_only
+    self._pending: list[int] = []  # saved steps whose manifest is not written yet
+    policies = [pp.LatestN(config.checkpoint.max_to_keep), LatestVerified(self.directory)]
     if config.checkpoint.keep_best:
       metric = config.eval.metric
       policies.append(pp.BestN(get_metric_fn=lambda metrics: metrics[metric],
@@ -60,9 +141,55 @@ class Checkpointer:
     finishing in the background, raises a one-line `CheckpointError`.
     """
     with self._write_errors():
+      self._finish_pending()
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)),
                         metrics=metrics)
+    self._pending.append(step)
+
+  def _finish_pending(self) -> None:
+    """Waits for the saves in flight, then writes their manifests (process 0)."""
+    self.manager.wait_until_finished()
+    if not self._pending:
+      return
+    if jax.process_index() == 0:
+      for step in self._pending:
+        step_dir = self.directory / str(step)
+        if step_dir.is_dir():
+          write_manifest(step_dir)
+    self._pending = []
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def check(self, step: int) -> str | None:
+    """Why checkpoint `step` is damaged, or None when it verifies (or cannot: logged)."""
+    step_dir = self.directory / str(step)
+    if not self.verify_enabled:
+      logging.info("checkpoint.verify=False: %s restored without verifying it", step_dir)
+      return None
+    started = time.perf_counter()
+    try:
+      problem = verify(step_dir)
+    except FileNotFoundError:
+      logging.warning("%s has no integrity manifest (written before ftjax recorded them, or "
+                      "interrupted before it was written): restoring it unverified", step_dir)
+      return None
+    if problem is None:
+      logging.info("verified %s in %.2f s", step_dir, time.perf_counter() - started)
+    return problem
+
+  def move_aside(self, step: int) -> pathlib.Path:
+    """Renames a damaged checkpoint to `<step>.corrupt-<time>` (never deleted); returns it."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"ftjax_move_aside_{step}")
+    self.manager.reload()
+    return target
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores onto `abstract_state`'s shapes and shardings (any mesh)."""
@@ -75,7 +202,7 @@ class Checkpointer:
 
   def wait(self) -> None:
     with self._write_errors():
-      self.manager.wait_until_finished()
+      self._finish_pending()
 
   @contextlib.contextmanager
   def _write_errors(self):
@@ -129,8 +256,20 @@ def find(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
 
 
 def read_trainable(workdir: pathlib.Path, step: int) -> dict:
-  """The saved trainable leaves as a flat {path: np.ndarray}, whatever mesh wrote them."""
+  """The saved trainable leaves as a flat {path: np.ndarray}, whatever mesh wrote them.
+
+  The checkpoint is verified first: a damaged one is a one-line `CheckpointError`.
+  """
   from ftjax.models import keymap  # pylint: disable=g-import-not-at-top
+  step_dir = pathlib.Path(workdir) / "checkpoints" / str(step)
+  try:
+    problem = verify(step_dir)
+  except FileNotFoundError:
+    logging.warning("%s has no integrity manifest: read unverified", step_dir)
+    problem = None
+  if problem is not None:
+    raise CheckpointError(f"checkpoint {step_dir} is damaged ({problem}); expected an intact "
+                          f"checkpoint: pick another step of that run")
   manager = ocp.CheckpointManager(workdir / "checkpoints",
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   metadata = manager.item_metadata(step)["state"]

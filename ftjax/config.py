@@ -190,6 +190,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 2
   # Also keep the best checkpoint by eval.metric.
   c.checkpoint.keep_best = True
+  # Verify a checkpoint against its manifest (sizes + blake2b of every file)
+  # before restoring it; a damaged one is moved aside and the previous one
+  # used. False skips the check (very large checkpoints) and logs that it did.
+  c.checkpoint.verify = True
 
   c.mesh = ml_collections.ConfigDict()
   # Devices along each mesh axis; -1 takes the remaining devices.

@@ -11,7 +11,9 @@ frozen run's checkpoint (trainable leaves only) is joined with its base model,
 which `ftjax.core.run.setup` loads as for training; the run's objective says
 which metrics a split has (classification: accuracy, macro precision/recall/F1;
 causal LM: loss, perplexity, token accuracy, per task for a mixture). Each evaluation is appended to
-`workdir/eval_<split>.jsonl` and printed as a table. `--watch` polls for new
+`workdir/eval_<split>.jsonl` and printed as a table; a damaged checkpoint (it
+fails verification against its manifest, or does not restore) is a row saying
+so, and the others are still evaluated. `--watch` polls for new
 checkpoints and exits once training has written `results.json` (its final
 marker) and every checkpoint has been evaluated: the t5x-style evaluator job
 that runs beside a pod run.
@@ -71,13 +73,24 @@ class Evaluator:
     self.out = workdir / f"eval_{split}.jsonl"
 
   def evaluate(self, step: int) -> dict:
+    """The checkpoint's metrics; a damaged checkpoint is a row `{"step", "damaged": why}`."""
     state = self.run.initial_state
-    saved, _ = self.checkpointer.restore(
-        step, checkpoint_lib.abstract(state_lib.checkpointed(state)))
-    restored = state.replace(step=saved["step"], trainable=saved["trainable"])
-    results = {f"{self.split}/{k}": v for k, v in compiled.evaluate(
-        self.run, restored, self.eval_step, self.split).items()}
-    row = {"step": step, **results}
+    problem = self.checkpointer.check(step)
+    if problem is None:
+      try:
+        saved, _ = self.checkpointer.restore(
+            step, checkpoint_lib.abstract(state_lib.checkpointed(state)))
+      except Exception as e:  # pylint: disable=broad-except
+        lines = str(e).strip().splitlines()
+        problem = f"it does not restore ({type(e).__name__}: {lines[0][:200] if lines else ''})"
+    if problem is not None:
+      logging.warning("checkpoint %d of %s is damaged (%s); not evaluated", step, self.workdir,
+                      problem)
+      row = {"step": step, "damaged": problem}
+    else:
+      restored = state.replace(step=saved["step"], trainable=saved["trainable"])
+      row = {"step": step, **{f"{self.split}/{k}": v for k, v in compiled.evaluate(
+          self.run, restored, self.eval_step, self.split).items()}}
     if jax.process_index() == 0:
       with open(self.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
@@ -93,10 +106,13 @@ def print_table(rows: list[dict], split: str, metrics: tuple[str, ...]) -> None:
   """One row per checkpoint: the objective's metrics this split has, in the objective's order."""
   if not rows:
     return
-  keys = [k for k in metrics if f"{split}/{k}" in rows[0]]
+  keys = [k for k in metrics if any(f"{split}/{k}" in row for row in rows)]
   print(f"| step | {' | '.join(keys)} |")
   print("|---:|" + "---:|" * len(keys))
   for row in rows:
+    if "damaged" in row:
+      print(f"| {row['step']} | damaged: {row['damaged']} |")
+      continue
     print(f"| {row['step']} | " + " | ".join(f"{row[f'{split}/{k}']:.4f}" for k in keys) + " |")
 
 

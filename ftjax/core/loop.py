@@ -80,7 +80,6 @@ class Loop:
     self.checkpointer = checkpoint_lib.Checkpointer(workdir, run.config)
     self.tracker, self.last_eval = hooks_lib.Tracker(run.config), {}
     self.iterator = run.data.train_iterator(run.steps.total)
-    self.start_step = self.checkpointer.latest_step()
     self.window: list[dict] = []  # host metrics of the steps since the last log row
     self.window_start = 0.0  # when the window's first step started (time.perf_counter)
     self.metrics: dict = {}  # this step's host metrics, while the hooks run
@@ -89,21 +88,52 @@ class Loop:
     self.eval_results: dict | None = None
     self.batch = None
     self.writer = self.progress = self.train_step = self.eval_step = None
-    if self.start_step is not None:
-      self._resume(self.start_step)
+    self.start_step = self._resume()
     self.step = int(self.state.step)
 
-  def _resume(self, start: int) -> None:
-    where = self.checkpointer.directory / str(start)
-    check_identity(self.checkpointer.read_meta(start)["run"], self.config, where,
-                   self.run.identity)
-    saved, meta = self.checkpointer.restore(
-        start, checkpoint_lib.abstract(state_lib.checkpointed(self.state)))
-    self.state = self.state.replace(**saved)
-    self.iterator.set_state(meta["data_iterator"])
-    self.tracker = hooks_lib.Tracker(self.config, meta["tracker"])
-    self.last_eval = meta["last_eval"]
-    logging.info("Resumed from %s at step %d", where, start)
+  def _resume(self) -> int | None:
+    """Restores the newest intact checkpoint; returns its step (None: a fresh run).
+
+    A checkpoint that fails verification, or fails to restore, is moved
+    aside (`<step>.corrupt-<time>`, never deleted) with one log line, and the
+    previous one is tried. A workdir whose checkpoints are all damaged stops
+    the run: it never silently starts again from scratch.
+    """
+    moved = []
+    for step in reversed(self.checkpointer.steps()):
+      where = self.checkpointer.directory / str(step)
+      problem = self.checkpointer.check(step)
+      if problem is None:
+        try:
+          meta = self.checkpointer.read_meta(step)
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f"its metadata does not read ({_first_line(e)})"
+      if problem is None:
+        # Another run's checkpoint is the user's mistake, not damage: stop.
+        check_identity(meta["run"], self.config, where, self.run.identity)
+        try:
+          saved, meta = self.checkpointer.restore(
+              step, checkpoint_lib.abstract(state_lib.checkpointed(self.state)))
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f"it does not restore ({_first_line(e)})"
+      if problem is not None:
+        target = self.checkpointer.move_aside(step)
+        moved.append(target.name)
+        logging.warning("checkpoint %s is damaged (%s): moved aside to %s; trying the previous "
+                        "one", where, problem, target)
+        continue
+      self.state = self.state.replace(**saved)
+      self.iterator.set_state(meta["data_iterator"])
+      self.tracker = hooks_lib.Tracker(self.config, meta["tracker"])
+      self.last_eval = meta["last_eval"]
+      logging.info("Resumed from %s at step %d", where, step)
+      return step
+    if moved:
+      raise CheckpointError(
+          f"no intact checkpoint in {self.checkpointer.directory}: damaged ones moved aside "
+          f"({', '.join(moved)}); expected one to resume from. Move a copy back, or use a new "
+          f"--workdir to start again")
+    return None
 
   @property
   def finished(self) -> bool:
@@ -186,6 +216,11 @@ class Loop:
       logging.info("Stopping at step %d %s; run the same command to continue", self.step,
                    "on SIGTERM or Ctrl-C, with a checkpoint"
                    if self.stop_reason == "preempted" else "as asked")
+
+
+def _first_line(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
