@@ -161,6 +161,8 @@ def _plot(rows: list[dict], out: pathlib.Path) -> None:
 
 def sweep() -> None:
   sweep_dir = pathlib.Path(_SWEEP_DIR.value).resolve()
+  if sweep_dir.exists() and not sweep_dir.is_dir():
+    raise FtjaxError(f"--sweep_dir={sweep_dir} is a file; expected a folder for the runs")
   sweep_dir.mkdir(parents=True, exist_ok=True)
   teacher = pathlib.Path(_TEACHER.value).resolve() if _TEACHER.value else sweep_dir / "teacher"
   if not (teacher / "results.json").exists():

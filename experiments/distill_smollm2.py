@@ -92,6 +92,8 @@ def _student(run_dir: pathlib.Path) -> dict:
 
 def sweep() -> None:
   sweep_dir = pathlib.Path(_SWEEP_DIR.value).resolve()
+  if sweep_dir.exists() and not sweep_dir.is_dir():
+    raise FtjaxError(f"--sweep_dir={sweep_dir} is a file; expected a folder for the runs")
   sweep_dir.mkdir(parents=True, exist_ok=True)
   for name, alpha in (("kd", None), ("ce", 1.0)):
     run_dir = sweep_dir / name

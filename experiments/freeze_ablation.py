@@ -242,6 +242,8 @@ def sweep() -> None:
   """
   config_path = pathlib.Path(_CONFIG.value).resolve()
   sweep_dir = pathlib.Path(_SWEEP_DIR.value).resolve()
+  if sweep_dir.exists() and not sweep_dir.is_dir():
+    raise FtjaxError(f"--sweep_dir={sweep_dir} is a file; expected a folder for the runs")
   model = _MODEL.value
   if model and pathlib.Path(model).is_dir():  # The runs start in the repository root.
     model = str(pathlib.Path(model).resolve())

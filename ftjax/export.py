@@ -68,8 +68,10 @@ def restore_params(workdir: str | pathlib.Path, which: str = "latest",
 
 def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str = "merged",
            which: str = "latest", overrides: tuple[str, ...] = ()) -> pathlib.Path:
-  config, model, params, tokenizer, step, saved = restore_params(workdir, which, overrides)
   out = pathlib.Path(out)
+  if out.exists() and not out.is_dir():
+    raise FtjaxError(f"--out={out} is a file; expected a folder to write the export to")
+  config, model, params, tokenizer, step, saved = restore_params(workdir, which, overrides)
   if fmt == "peft":
     if not model.adapters:
       raise FtjaxError(f"--format=peft needs a LoRA run; {workdir} used strategy "

@@ -133,6 +133,9 @@ def main(argv):
     setup = distributed.initialize(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
         _local_device_ids(_LOCAL_DEVICE_IDS.value), cpu_collectives=_CPU_COLLECTIVES.value)
+    if not _WORKDIR.value.strip():
+      raise FtjaxError("--workdir is empty; expected a folder for the run's logs, metrics and "
+                       "checkpoints, e.g. --workdir=runs/minilm")
     config = config_lib.validate(_loaded_config())
     compile_cache.enable(COMPILATION_CACHE.value)
     logging.info("JAX process %d of %d (%s), local devices: %s; global devices: %d",

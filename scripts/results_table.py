@@ -9,8 +9,12 @@ import sys
 
 
 def row(workdir: pathlib.Path) -> str:
-  results = json.loads((workdir / "results.json").read_text(encoding="utf-8"))
-  config = json.loads((workdir / "config.json").read_text(encoding="utf-8"))
+  try:
+    results = json.loads((workdir / "results.json").read_text(encoding="utf-8"))
+    config = json.loads((workdir / "config.json").read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    sys.exit(f"results_table: error: {workdir} has no readable results.json and config.json "
+             f"({type(e).__name__}); expected the workdir of a finished run")
   strategy = config["strategy"]["name"]
   if strategy == "freeze":
     strategy += f" K={config['strategy']['freeze_layers']}"

@@ -160,3 +160,29 @@ def test_workdir_that_is_a_file(tiny_bert, tmp_path):
   result = run_main(f"--workdir={tmp_path / 'run'}", f"--config.model.name_or_path={tiny_bert}")
   assert_one_line_error(result, f"workdir {tmp_path / 'run'} is a file; expected a folder")
   assert (tmp_path / "run").read_text() == "not a folder"
+
+
+def test_empty_workdir(tiny_bert):
+  result = run_main("--workdir=", f"--config.model.name_or_path={tiny_bert}")
+  assert_one_line_error(result, "--workdir is empty; expected a folder")
+
+
+def _script(*args):
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_export_to_a_file_and_tables_of_missing_runs(tmp_path):
+  (tmp_path / "afile").write_text("keep me")
+  # --out is checked before any checkpoint is read (the workdir need not exist).
+  result = _script("-m", "ftjax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'afile'}")
+  assert_one_line_error(result, f"--out={tmp_path / 'afile'} is a file; expected a folder")
+  assert (tmp_path / "afile").read_text() == "keep me"
+  result = _script("scripts/results_table.py", str(tmp_path / "nope"))
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"results_table: error: {tmp_path / 'nope'} has no readable results.json")
+  for script in ("experiments/distill_minilm.py", "experiments/distill_smollm2.py"):
+    result = _script(script, f"--sweep_dir={tmp_path / 'afile'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"--sweep_dir={tmp_path / 'afile'} is a file" in result.stderr.strip().splitlines()[-1]
