@@ -168,3 +168,31 @@ def test_export_of_a_damaged_checkpoint_is_one_line(stopped, tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert "checkpoints/6 is damaged (file state/" in last and "pick another step" in last, last
   assert not (tmp_path / "out").exists()
+
+
+def test_max_to_keep_never_deletes_the_newest_verified_checkpoint(tmp_path):
+  """max_to_keep=1: until the newest checkpoint has its manifest, the previous one stays."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from ftjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.default_config()
+  config.checkpoint.max_to_keep = 1
+  config.checkpoint.keep_best = False
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path, config)
+  state = {"w": jnp.arange(4.0)}
+  on_disk = lambda: sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()  # pylint: disable=unnecessary-lambda-assignment
+                           if p.name.isdigit())
+  checkpointer.save(1, state, {"note": 1})
+  checkpointer.wait()  # step 1 finalised and verified (manifest)
+  checkpointer.save(2, state, {"note": 2})
+  checkpointer.manager.wait_until_finished()  # step 2 finalised, no manifest yet
+  assert on_disk() == [1, 2]
+  assert not (tmp_path / "checkpoints" / "2" / checkpoint_lib.MANIFEST).exists()
+  checkpointer.save(3, state, {"note": 3})  # writes 2's manifest first
+  checkpointer.manager.wait_until_finished()
+  assert on_disk() == [2, 3]
+  checkpointer.wait()
+  checkpointer.save(4, state, {"note": 4})
+  checkpointer.wait()
+  checkpointer.close()
+  assert on_disk() == [3, 4]  # 3 was the newest verified when 4 was finalised
+  assert checkpoint_lib.verify(tmp_path / "checkpoints" / "4") is None
