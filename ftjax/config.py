@@ -400,6 +400,14 @@ def objective_class(config: ml_collections.ConfigDict):
   return objectives.get(name)
 
 
+def set_objective(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """`config.objective.name = name` with the objective's own keys (their defaults) added,
+  so a config file's `--config.objective.<key>=` overrides find them."""
+  config.objective.name = name
+  _with_objective_group(config, objective_class(config))
+  return config
+
+
 def _with_objective_group(config: ml_collections.ConfigDict, objective) -> None:
   """Adds the objective's own keys (its defaults) to `config.objective` where missing."""
   if objective is None:

@@ -74,8 +74,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     bad = next((o for o in overrides if missing in o.split(".")), None)
     if bad is None:  # Not an override: a bug in the config file, keep its traceback.
       raise
+    hint = ("; an objective's own keys exist once the config file sets it with "
+            "config_lib.set_objective(config, name) (configs/distill_minilm.py does)"
+            if bad.startswith("--config.objective.") else "")
     sys.exit(f"ftjax: error: unknown config key {bad[len('--config.'):]!r} (from {bad}); "
-             f"configs/forkme.py lists every key")
+             f"configs/forkme.py lists every key{hint}")
 
 
 def _one_line(message: str) -> str:

@@ -390,3 +390,51 @@ def test_teacher_is_sharded_like_the_student_and_trains_like_one_device(assets, 
   single = train.train_and_evaluate(_distill_config(assets, model=assets.student, **overrides),
                                     str(tmp_path / "single"), devices=jax.devices()[:1])
   assert math.isclose(sharded["validation/loss"], single["validation/loss"], rel_tol=1e-4)
+
+
+def test_projection_survives_kill_9_bitwise(assets, tmp_path):
+  """The real entry point, killed (SIGKILL) mid-run and started again, ends with the same
+  student and projection as a run never killed."""
+  import os  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  from tests.conftest import REPO  # pylint: disable=import-outside-toplevel
+
+  def command(workdir):
+    flags = {"model.name_or_path": assets.student, "model.layers": "()",
+             "objective.teacher": assets.wide_teacher, "objective.hidden_weight": 1.0,
+             "objective.cache_teacher": False, "data.path": assets.data,
+             "data.num_buckets": 1, "training.num_steps": 8, "training.batch_size": 8,
+             "training.log_every_steps": 1, "checkpoint.every_steps": 1,
+             "eval.every_steps": 8, "eval.splits": "validation",
+             "eval.metric": "validation/accuracy"}
+    return [sys.executable, "-m", "ftjax.main", "--config=configs/distill_minilm.py",
+            f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())]
+
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  whole = subprocess.run(command(tmp_path / "whole"), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600, check=False)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  with open(tmp_path / "log.txt", "w", encoding="utf-8") as log:
+    process = subprocess.Popen(command(tmp_path / "killed"), cwd=REPO, env=env,  # pylint: disable=consider-using-with
+                               stdout=log, stderr=subprocess.STDOUT)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+      if checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) >= 3
+                                      for p in checkpoints.iterdir()):
+        break
+      time.sleep(0.05)
+    assert process.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  again = subprocess.run(command(tmp_path / "killed"), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600, check=False)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resumed from" in again.stderr
+  a, b = _trainable(tmp_path / "whole"), _trainable(tmp_path / "killed")
+  assert any(p.startswith("objective/projection/") for p in a) and a.keys() == b.keys()
+  for path in a:
+    np.testing.assert_array_equal(a[path], b[path], err_msg=path)
