@@ -17,6 +17,8 @@ def get_config():
   # What the run optimises (ftjax/objectives/): "" is the objective of
   # model.task ("classification" here). Your own objective: register it in a
   # module this file imports, set its name here and its keys beside it.
+  # Distillation: config_lib.set_objective(config, "distill") adds its keys
+  # (teacher, alpha, temperature, ...; see configs/distill_minilm.py).
   config.objective.name = ""
   # The module that registers it (filled in and recorded automatically).
   config.objective.module = ""
@@ -40,6 +42,10 @@ def get_config():
   # Load a pickled pytorch_model.bin (torch.load(weights_only=True)); only for
   # checkpoints you trust. Prefer converting them to safetensors.
   config.model.allow_pickle = False
+  # Keep only these layers of the checkpoint, renumbered (a student cut from
+  # a teacher: (0, 2, 4) of 6); () keeps every layer. model.name_or_path may
+  # also be a finished ftjax run's workdir (its fine-tuned weights).
+  config.model.layers = ()
 
   # --- Data --------------------------------------------------------------
   # "files" (data.path), "hf" (hub dataset data.name) or "tfds" (data.name).
@@ -99,6 +105,9 @@ def get_config():
   config.checkpoint.every_steps = None  # None: at every evaluation
   config.checkpoint.max_to_keep = 2
   config.checkpoint.keep_best = True
+  # Verify a checkpoint (sizes + blake2b of its files) before restoring it; a
+  # damaged one is moved aside and the previous one used. False skips it.
+  config.checkpoint.verify = True
 
   # --- Devices -----------------------------------------------------------
   # data x fsdp x tensor = number of devices (-1: the rest).
