@@ -80,26 +80,29 @@ def distill_data(config, out: str | pathlib.Path, *, max_new_tokens: int = 256,
   return mixture
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The student's experiment config.")
-_OUT = flags.DEFINE_string("out", None, "Folder to write the teacher's answers to.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer, in tokens.")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Answer at most this many prompts "
-                                     "per task (0: all).")
+def _define_flags() -> None:
+  """Flags only when run as a program: importing the library defines none."""
+  config_flags.DEFINE_config_file("config", None, "The student's experiment config.")
+  flags.DEFINE_string("out", None, "Folder to write the teacher's answers to.")
+  flags.DEFINE_integer("max_new_tokens", 256, "Longest answer, in tokens.")
+  flags.DEFINE_integer("max_examples", 0, "Answer at most this many prompts per task (0: all).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    if _OUT.value is None:
+    f = flags.FLAGS
+    if f.out is None:
       raise FtjaxError("--out is required: the folder to write the teacher's answers to")
-    config = config_lib.validate(_CONFIG.value)
-    mixture = distill_data(config, _OUT.value, max_new_tokens=_MAX_NEW.value,
-                           max_examples=_MAX_EXAMPLES.value)
+    config = config_lib.validate(f.config)
+    mixture = distill_data(config, f.out, max_new_tokens=f.max_new_tokens,
+                           max_examples=f.max_examples)
   except FtjaxError as e:
     sys.exit(f"ftjax: error: {e}")
   print(f"--config.data.path='' --config.data.mixture=\"{tuple(mixture)!r}\"")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
