@@ -19,12 +19,12 @@ after training. Restarting resumes: finished runs are skipped.
 import csv
 import json
 import pathlib
-import subprocess
 import sys
 import time
 
 from absl import app, flags
 
+from ftjax import sweeps
 from ftjax.errors import FtjaxError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,20 +39,7 @@ KEYS = ("test/perplexity", "test/code/perplexity", "test/math/perplexity")
 
 
 def _train(name: str, run_dir: pathlib.Path, command: list[str]) -> None:
-  run_dir.mkdir(parents=True, exist_ok=True)
-  log_path = run_dir / "log.txt"
-  print(f"run {name}: log in {log_path}", flush=True)
-  started = time.perf_counter()
-  with open(log_path, "a", encoding="utf-8") as log:
-    log.write(f"$ {' '.join(command)}\n")
-    log.flush()
-    returncode = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                check=False).returncode
-  if returncode:
-    lines = [l.strip() for l in log_path.read_text(encoding="utf-8").splitlines() if l.strip()]
-    raise FtjaxError(f"run {name} failed (exit {returncode}): "
-                     f"{lines[-1] if lines else 'no output'}; log: {log_path}")
-  print(f"done {name} in {time.perf_counter() - started:.0f}s", flush=True)
+  sweeps.run_logged(name, run_dir, command, cwd=REPO)
 
 
 def teacher_metrics(sweep_dir: pathlib.Path) -> dict:

@@ -27,13 +27,13 @@ import csv
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 from typing import NamedTuple
 
 from absl import app, flags
 
+from ftjax import sweeps
 from ftjax.errors import FtjaxError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -122,24 +122,8 @@ def _parse_layers(values: list[str] | None, num_layers: int) -> list[int]:
 
 
 def _train(run: Run, run_dir: pathlib.Path, command: list[str]) -> None:
-  """One `python -m ftjax.main` run, its output appended to run_dir/log.txt.
-
-  Appended, not overwritten: a resumed run keeps the log of its first part.
-  """
-  run_dir.mkdir(parents=True, exist_ok=True)
-  log_path = run_dir / "log.txt"
-  print(f"run {run.name}: log in {log_path}", flush=True)
-  started = time.perf_counter()
-  with open(log_path, "a", encoding="utf-8") as log:
-    log.write(f"$ {' '.join(command)}\n")
-    log.flush()
-    returncode = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                check=False).returncode
-  if returncode:
-    lines = [l.strip() for l in log_path.read_text(encoding="utf-8").splitlines() if l.strip()]
-    raise FtjaxError(f"run {run.name} failed (exit {returncode}): "
-                     f"{lines[-1] if lines else 'no output'}; log: {log_path}")
-  print(f"done {run.name} in {time.perf_counter() - started:.0f}s", flush=True)
+  """One `python -m ftjax.main` run, its output appended to run_dir/log.txt."""
+  sweeps.run_logged(run.name, run_dir, command, cwd=REPO)
 
 
 def _row(run_dir: pathlib.Path) -> dict:
