@@ -25,7 +25,9 @@ TASKS = ("encoder", "classification", "decoder", "causal_lm")
 DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("pooler", "cls", "mean", "last")
 SOURCES = ("files", "hf", "tfds")
-STRATEGIES = ("full", "freeze", "head_only", "lora")
+# Besides these, every adapter registered as a strategy (`ftjax.peft`: lora,
+# ia3, ...) is a strategy.name: the adapters and the head train.
+STRATEGIES = ("full", "freeze", "head_only")
 MESH_AXES = ("data", "fsdp", "tensor")
 TEMPLATES = ("alpaca", "chat")
 
@@ -133,6 +135,18 @@ def default_config() -> ml_collections.ConfigDict:
   # "decoder/layers/3/attention/query" (q_proj); "all-linear": every
   # projection of every layer.
   c.strategy.lora.targets = (r".*/attention/(query|value)",)
+  # rsLoRA: scale alpha/sqrt(rank) instead of alpha/rank.
+  c.strategy.lora.rslora = False
+  # DoRA: magnitude vector times the normalised direction W + scale*A*B.
+  c.strategy.lora.dora = False
+  # LoRA+: B's learning rate is lr_ratio times A's (and the rest's).
+  c.strategy.lora.lr_ratio = 1.0
+
+  # The other PEFT methods' groups, from their modules (`ftjax.peft`):
+  # strategy.quant, strategy.ia3, strategy.prompt, ...
+  from ftjax.peft import adapter  # pylint: disable=g-import-not-at-top
+  for name, defaults in adapter.config_groups().items():
+    c.strategy[name] = defaults()
 
   c.optimizer = ml_collections.ConfigDict()
   # AdamW with decoupled weight decay; no decay on biases, norms, embeddings.
@@ -300,8 +314,10 @@ def _check_values(c: ml_collections.ConfigDict, objective) -> None:
   require(len(set(names)) == len(names), "data.mixture", names, "distinct task names")
   require(not (c.data.mixture and c.data.path), "data.path", c.data.path,
           "empty when data.mixture names the tasks' paths")
-  require(c.strategy.name in STRATEGIES, "strategy.name", c.strategy.name,
-          f"one of {STRATEGIES}")
+  from ftjax.peft import adapter  # pylint: disable=g-import-not-at-top
+  strategies = STRATEGIES + adapter.strategy_names()
+  require(c.strategy.name in strategies, "strategy.name", c.strategy.name,
+          f"one of {strategies}")
   require(c.strategy.freeze_layers >= 0, "strategy.freeze_layers", c.strategy.freeze_layers,
           "a number of layers >= 0")
   require(not c.strategy.cache_features or c.strategy.name == "head_only",
@@ -310,7 +326,6 @@ def _check_values(c: ml_collections.ConfigDict, objective) -> None:
           f"head_only, whose encoder is frozen)")
   require(all(len(r) == 2 and r[1] in ("trainable", "frozen") for r in c.strategy.rules),
           "strategy.rules", c.strategy.rules, '(regex, "trainable"|"frozen") pairs')
-  from ftjax.peft import adapter  # pylint: disable=g-import-not-at-top
   require(all(isinstance(a, str) and a in adapter.registered() for a in c.strategy.adapters)
           and len(set(c.strategy.adapters)) == len(c.strategy.adapters), "strategy.adapters",
           c.strategy.adapters, f"distinct names of {adapter.registered()}")
@@ -325,6 +340,10 @@ def _check_values(c: ml_collections.ConfigDict, objective) -> None:
           "a probability in [0, 1)")
   require(len(c.strategy.lora.targets) >= 1, "strategy.lora.targets", c.strategy.lora.targets,
           "at least one regex")
+  require(c.strategy.lora.lr_ratio > 0, "strategy.lora.lr_ratio", c.strategy.lora.lr_ratio,
+          "> 0 (LoRA+: B's learning rate over A's; 1 is plain LoRA)")
+  # Each adapter checks its own group (`strategy.<name>`) when it is built.
+  adapter.from_config(c.strategy)
   o = c.optimizer
   require(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a learning rate > 0")
   require(o.end_learning_rate >= 0, "optimizer.end_learning_rate", o.end_learning_rate, ">= 0")

@@ -49,7 +49,19 @@ def build(config: ml_collections.ConfigDict, trainable,
     chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
   chain.append(optax.adamw(learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
                            weight_decay=o.weight_decay, mask=decay_mask(trainable)))
+  ratio = config.strategy.lora.get("lr_ratio", 1.0)
+  if ratio != 1.0:
+    # LoRA+ (Hayou et al., 2024): B's learning rate is `ratio` times A's. AdamW's
+    # update (decay included) is linear in the learning rate, so scaling B's
+    # updates is B in its own parameter group, with no second optimizer state.
+    chain.append(optax.masked(optax.scale(ratio), lora_b_mask(trainable)))
   return optax.chain(*chain)
+
+
+def lora_b_mask(trainable) -> dict:
+  """True for LoRA's B factors (LoRA+ gives them their own learning rate)."""
+  flat = keymap.flatten(trainable)
+  return keymap.unflatten({p: p.endswith("/lora_b") for p in flat}, trainable)
 
 
 def state_bytes(opt_state) -> int:

@@ -169,7 +169,7 @@ def test_partition_trains_both_adapters_and_the_head_only(stacked):
   grads = jax.grad(lambda t: model.apply(partition.merge(t, frozen), **inputs).logits.sum())(
       trainable)
   flat_grads = keymap.flatten(grads)
-  for path in scale_paths | {p for p in lora_paths if p.endswith("lora_b")}:
+  for path in sorted(scale_paths | {p for p in lora_paths if p.endswith("lora_b")}):
     assert np.abs(flat_grads[path]).max() > 0, path
 
 
@@ -196,7 +196,7 @@ def test_merge_gives_the_adapted_function_without_adapter_params(stacked):
   flat = dict(keymap.flatten(stacked_params))
   rng = np.random.RandomState(1)
   lora_paths, scale_paths = _adapter_paths(flat)
-  for path in scale_paths | {p for p in lora_paths if p.endswith("lora_b")}:
+  for path in sorted(scale_paths | {p for p in lora_paths if p.endswith("lora_b")}):
     flat[path] = jnp.asarray(flat[path] + rng.normal(0, 0.5, flat[path].shape), jnp.float32)
   trained = keymap.unflatten(flat, stacked_params)
   adapted_logits = _logits(model, trained)
@@ -242,10 +242,29 @@ def test_misuse_is_refused(stacked, tmp_path):
     hf_adapter.save_adapter(model, stacked_params, tmp_path)
   with pytest.raises(ValueError, match="already registered"):
     adapter.register("channel_scale", lambda strategy: ChannelScale(targets=(".*",)))
-  # LoRA does not silently drop another adapter's parameters on a layer it wraps.
-  with pytest.raises(ConfigError, match=r"mlp/up is already adapted \(ScaledDense\)"):
-    models.Model.build(_config(), adapters=(ChannelScale(), lora.LoraSpec(
-        2, 4.0, targets=(r".*/mlp/up",))))
+  with pytest.raises(ConfigError, match=r"mlp/up already has a LoRA adapter"):
+    models.Model.build(_config(), adapters=(lora.LoraSpec(2, 4.0, targets=(r".*/mlp/up",)),
+                                            lora.LoraSpec(2, 4.0, targets=(r".*/mlp/up",))))
+
+
+def test_lora_wraps_another_adapters_layer_and_keeps_its_parameters():
+  """LoRA extends the layer it adapts (`adapter.extend`), whatever that layer is."""
+  model = models.Model.build(_config(), adapters=(ChannelScale(), lora.LoraSpec(
+      2, 4.0, targets=(r".*/mlp/up",))))
+  up = "encoder/layers/0/mlp/up/"
+  assert {up + leaf for leaf in ("kernel", "bias", SCALE_LEAF, "lora_a", "lora_b")} <= set(
+      keymap.flatten(model.abstract_params))
+  params = dict(keymap.flatten(model.init(jax.random.key(0))))
+  params[up + SCALE_LEAF] = jnp.full_like(params[up + SCALE_LEAF], 2.0)
+  params[up + "lora_b"] = jnp.ones_like(params[up + "lora_b"])
+  module = nnx.merge(model.graphdef, keymap.unflatten(params, model.abstract_params))
+  layer = module.encoder.layers[0].mlp.up
+  assert adapter.mixins(layer) == (lora.LoraMixin,)
+  x = np.random.RandomState(0).randn(3, 16).astype(np.float32)
+  w, b = np.asarray(params[up + "kernel"]), np.asarray(params[up + "bias"])
+  a = np.asarray(params[up + "lora_a"])
+  expected = 2.0 * (x @ w + b) + 2.0 * (x @ a) @ np.ones((2, 32), np.float32)
+  np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_models_do_not_import_peft():

@@ -91,7 +91,9 @@ def test_run_ends_where_it_did_before_the_redesign(inputs, tmp_path, name):
     assert set(row) == set(expected), (row["step"], set(row) ^ set(expected))
     for key, value in expected.items():
       if isinstance(value, float):
-        assert round(row[key], 4) == pytest.approx(round(value, 4), abs=1e-4), (row["step"], key)
+        # To 4 decimals, or 1e-5 relative for large values (a perplexity near
+        # 2000 moves in its 4th decimal with float32 summation order).
+        assert row[key] == pytest.approx(value, rel=1e-5, abs=1.5e-4), (row["step"], key)
       else:
         assert row[key] == value, (row["step"], key)
 

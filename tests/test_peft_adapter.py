@@ -122,9 +122,9 @@ def test_unsupported_adapters_are_refused_in_one_line(tmp_path):
   with pytest.raises(CheckpointError, match="no adapter_config.json"):
     hf_adapter.load_adapter(model, params, tmp_path)
   peft.get_peft_model(hf_models.tiny_decoder("llama", "causal_lm"),
-                      peft.LoraConfig(r=2, target_modules=["q_proj"], use_rslora=True)
-                      ).save_pretrained(tmp_path / "rslora")
-  with pytest.raises(CheckpointError, match="use_rslora=True"):
-    hf_adapter.load_adapter(model, params, tmp_path / "rslora")
+                      peft.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only")
+                      ).save_pretrained(tmp_path / "bias")
+  with pytest.raises(CheckpointError, match="sets bias='lora_only'; expected 'none'"):
+    hf_adapter.load_adapter(model, params, tmp_path / "bias")
   with pytest.raises(CheckpointError, match="needs a model with LoRA adapters"):
     hf_adapter.save_adapter(model, params, tmp_path / "x")

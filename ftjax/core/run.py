@@ -131,7 +131,9 @@ def _load_model(config, mesh):
   if config_lib.objective_class(config) is None:
     raise FtjaxError(f"model.task={m.task!r}: training needs a head; set "
                      f"--config.model.task=classification (or causal_lm for a decoder)")
-  adapters = adapter_lib.from_config(config.strategy)
+  # Adapters that need the tokenizer (prompt tuning initialised from a text) bind it.
+  adapters = tuple(a.bind(source.tokenizer) if hasattr(a, "bind") else a
+                   for a in adapter_lib.from_config(config.strategy))
   if adapters:
     model, params = adapter_lib.add_adapters(model, params, adapters,
                                              jax.random.key(config.seed + 1))

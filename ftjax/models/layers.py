@@ -71,10 +71,28 @@ class Dense(nnx.LinearGeneral):
     )
 
 
+  def kernel_value(self) -> jax.Array:
+    """The kernel as the forward pass uses it; a quantised base (`ftjax.peft.quant`)
+    dequantises here, so adapters stacked on it see a float kernel."""
+    return self.kernel[...]
+
+  def contract(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x`'s trailing input axes contracted with `kernel`'s leading ones, in `self.dtype`."""
+    n_in = len(self.in_features)
+    x, kernel = self.promote_dtype((x, kernel), dtype=self.dtype)
+    dims = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+    return jax.lax.dot_general(x, kernel, dims, precision=self.precision)
+
   def __call__(self, inputs: jax.Array, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-    del deterministic, rngs  # Used by LoRA adapters (ftjax.peft.lora) on their input.
-    return super().__call__(inputs)
+    # deterministic/rngs: used by adapters (LoRA's dropout, `ftjax.peft`) that
+    # extend this layer; every model passes them to every projection.
+    del deterministic, rngs
+    out = self.contract(inputs, self.kernel_value())
+    if self.bias is not None:
+      (bias,) = self.promote_dtype((self.bias[...],), dtype=self.dtype)
+      out = out + bias
+    return out
 
 
 def embed(num_embeddings: int, features: int, *, axes: Sequence[str], init_std: float,

@@ -22,6 +22,7 @@ is LoRA from `strategy.lora`; `strategy.adapters` lists registered names in
 stacking order ("lora" listed there sets LoRA's place in the stack).
 """
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -64,6 +65,17 @@ class Adapter(Protocol):
     `base_model.model.` prefix) for `model`'s parameters `params`; raises
     `CheckpointError` if the method has no PEFT format."""
 
+  # Optional:
+  #   convert(self, flat: FlatParams) -> FlatParams
+  #     values derived from the base weights once the adapter's leaves exist:
+  #     DoRA's magnitudes (column norms of the kernel), a quantised kernel's
+  #     codes (`ftjax.peft.quant`, which replaces `kernel`), prompt embeddings
+  #     from a text. `add_adapters` calls it, in stacking order, on the flat
+  #     params (host numpy or device arrays alike).
+  #   bind(self, tokenizer) -> Adapter
+  #     the adapter with what it needs from the run's tokenizer (prompt tuning
+  #     initialised from a text); `ftjax.core.run` calls it before stacking.
+
 
 # factory(strategy config) -> Adapter.
 Factory = Callable[[ml_collections.ConfigDict], Adapter]
@@ -74,12 +86,29 @@ PeftImporter = Callable[[Any, dict, dict[str, np.ndarray], str],
                         tuple[Adapter, FlatParams, dict[str, np.ndarray]]]
 _FACTORIES: dict[str, Factory] = {}
 _PEFT_IMPORTERS: dict[str, PeftImporter] = {}
+# name -> defaults of its config group `strategy.<name>` (`ftjax.config` adds them).
+_CONFIG_GROUPS: dict[str, Callable[[], ml_collections.ConfigDict]] = {}
+# Adapters that are also a `strategy.name` (the adapters + the head train).
+_STRATEGIES: list[str] = []
+# name -> predicate on the strategy config: the adapter is stacked, innermost,
+# whenever it holds (a quantised base: `strategy.quant.method != "none"`).
+_BASES: dict[str, Callable[[ml_collections.ConfigDict], bool]] = {}
 
 
 def register(name: str, factory: Factory, *, peft_type: str | None = None,
-             from_peft: PeftImporter | None = None) -> None:
-  """Makes `name` usable in `strategy.adapters`; `peft_type` ("LORA") with
-  `from_peft` lets `ftjax.peft.hf_adapter.load_adapter` import PEFT folders of that type."""
+             from_peft: PeftImporter | None = None,
+             config: Callable[[], ml_collections.ConfigDict] | None = None,
+             strategy: bool = False,
+             base_when: Callable[[ml_collections.ConfigDict], bool] | None = None) -> None:
+  """Makes `name` usable in `strategy.adapters`.
+
+  peft_type ("LORA") with `from_peft`: `ftjax.peft.hf_adapter.load_adapter`
+    imports PEFT folders of that type.
+  config: the defaults of the adapter's config group, `strategy.<name>`.
+  strategy: `strategy.name=<name>` trains this adapter and the head only.
+  base_when: the adapter transforms the base model (a quantised kernel) and is
+    stacked first whenever `base_when(strategy)` holds.
+  """
   if _FACTORIES.get(name, factory) is not factory:
     raise ValueError(f"adapter {name!r} is already registered (by {_FACTORIES[name]!r})")
   _FACTORIES[name] = factory
@@ -87,6 +116,21 @@ def register(name: str, factory: Factory, *, peft_type: str | None = None,
     if from_peft is None:
       raise ValueError(f"adapter {name!r}: peft_type {peft_type!r} needs a from_peft importer")
     _PEFT_IMPORTERS[peft_type] = from_peft
+  if config is not None:
+    _CONFIG_GROUPS[name] = config
+  if strategy and name not in _STRATEGIES:
+    _STRATEGIES.append(name)
+  if base_when is not None:
+    _BASES[name] = base_when
+
+
+def config_groups() -> dict[str, Callable[[], ml_collections.ConfigDict]]:
+  return dict(_CONFIG_GROUPS)
+
+
+def strategy_names() -> tuple[str, ...]:
+  """Adapters that are a `strategy.name` of their own ("lora", "ia3", ...)."""
+  return tuple(_STRATEGIES)
 
 
 def registered() -> tuple[str, ...]:
@@ -104,11 +148,13 @@ def peft_types() -> tuple[str, ...]:
 def adapter_names(strategy: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The registered names a strategy config stacks, in order."""
   names = tuple(strategy.get("adapters", ()))
-  # strategy.name="lora" is LoRA first, unless strategy.adapters places it
-  # (a quantised base must be injected before the LoRA that wraps it).
-  if strategy.name == "lora" and "lora" not in names:
-    names = ("lora",) + names
-  return names
+  # strategy.name="lora" is LoRA first, unless strategy.adapters places it.
+  if strategy.name in _STRATEGIES and strategy.name not in names:
+    names = (strategy.name,) + names
+  # A transformed base (a quantised kernel) is innermost: the others wrap it.
+  bases = tuple(name for name, when in _BASES.items()
+                if name not in names and name in strategy and when(strategy))
+  return bases + names
 
 
 def from_config(strategy: ml_collections.ConfigDict) -> tuple[Adapter, ...]:
@@ -148,11 +194,14 @@ def add_adapters(model: models.Model, params: dict,
     odd = sorted(set(flat) ^ base_paths)
     raise ValueError(f"params do not fit the model {model.config.model_type}: {odd[:3]}")
   adapted_paths = keymap.flatten(adapted.abstract_params)
-  replaced = sorted(base_paths - set(adapted_paths))
-  if replaced:
-    raise ConfigError(f"adapters {', '.join(a.name for a in adapters)} replace parameter "
-                      f"{replaced[0]!r}; add_adapters only adds parameters")
   flat.update(adapted.init(rng, only=[p for p in adapted_paths if p not in base_paths]))
+  for adapter in adapters:
+    if hasattr(adapter, "convert"):
+      flat = adapter.convert(flat)
+  if set(flat) != set(adapted_paths):
+    odd = sorted(set(flat) ^ set(adapted_paths))
+    raise ConfigError(f"adapters {', '.join(a.name for a in adapters)} leave parameter "
+                      f"{odd[0]!r} that the adapted model does not have (or lack one it has)")
   return adapted, keymap.unflatten(flat, adapted.abstract_params)
 
 
@@ -214,6 +263,59 @@ def dense_targets(module: nnx.Module, targets: Sequence[str],
                         f"re.fullmatch'ed against module paths such as {examples})")
   return [(path, name, m) for path, name, m in found
           if any(p.fullmatch(name) for p in patterns)]
+
+
+# Functions (flat params, layer prefix "a/b/query/") -> the layer's float
+# kernel, or None where they do not apply: how a quantised base
+# (`ftjax.peft.quant`) shows its kernel to adapters stacked on it.
+_KERNEL_READERS: list[Callable[[FlatParams, str], Any]] = []
+
+
+def register_kernel_reader(reader: Callable[[FlatParams, str], Any]) -> None:
+  if reader not in _KERNEL_READERS:
+    _KERNEL_READERS.append(reader)
+
+
+def kernel_value(flat: FlatParams, prefix: str):
+  """The float kernel of the dense layer at `prefix` ("encoder/layers/0/attention/query/"),
+  whether stored as `kernel` or in another form (a quantised base)."""
+  if prefix + "kernel" in flat:
+    return flat[prefix + "kernel"]
+  for reader in _KERNEL_READERS:
+    kernel = reader(flat, prefix)
+    if kernel is not None:
+      return kernel
+  raise KeyError(f"no kernel for the dense layer {prefix.rstrip('/')!r}")
+
+
+@functools.cache
+def _extended_class(mixin: type, base: type) -> type:
+  # Cached: two builds of the same model must give equal graph definitions.
+  return type(f"{mixin.__name__}{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
+
+
+def extend(module: nnx.Module, mixin: type) -> nnx.Module:
+  """`module` as an instance of `mixin` over its own class: same variables, same paths.
+
+  How adapters stack on one dense layer: LoRA over a quantised kernel is
+  `extend(extend(dense, QuantMixin), LoraMixin)`; each mixin's `__call__`
+  calls `super().__call__` (the layer it extends) and reads the kernel through
+  `kernel_value()`. The caller adds the mixin's own parameters to the result
+  and puts it in place with `replace_module`.
+  """
+  extended = object.__new__(_extended_class(mixin, type(module)))
+  extended.__dict__.update(module.__dict__)
+  return extended
+
+
+def mixins(module: nnx.Module) -> tuple[type, ...]:
+  """The adapter mixins `extend` stacked on `module`, innermost first."""
+  found = []
+  cls = type(module)
+  while cls.__dict__.get("__module__") and len(cls.__bases__) == 2:
+    found.append(cls.__bases__[0])
+    cls = cls.__bases__[1]
+  return tuple(reversed(found))
 
 
 def replace_module(root: nnx.Module, path: tuple, new: nnx.Module) -> None:

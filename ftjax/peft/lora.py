@@ -72,6 +72,10 @@ class LoraSpec:
   # Dropout on the adapter's input only (the base path is never dropped here).
   dropout: float = 0.0
   targets: tuple[str, ...] = (r".*/attention/(query|value)",)
+  # rsLoRA: scale alpha / sqrt(rank) instead of alpha / rank.
+  rslora: bool = False
+  # DoRA: a trained magnitude per output column times the normalised direction.
+  dora: bool = False
 
   def __post_init__(self):
     # Configs hand over lists; a tuple keeps the spec hashable (it is part of
@@ -83,34 +87,53 @@ class LoraSpec:
 
   @property
   def scale(self) -> float:
-    return self.alpha / self.rank
+    return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
 
   def inject(self, module: nnx.Module, *, rngs: nnx.Rngs) -> None:
     """Replaces every targeted `layers.Dense` in `module` with a `LoraDense`, in place."""
     for path, name, dense in adapter_lib.dense_targets(module, self.targets, "LoRA"):
-      if isinstance(dense, LoraDense):
+      if isinstance(dense, LoraMixin):
         raise ConfigError(f"{name} already has a LoRA adapter; merge_lora first")
-      if type(dense) is not layers.Dense:
-        # LoraDense.from_dense keeps only kernel and bias: another adapter's
-        # layer would silently lose its parameters.
-        raise ConfigError(f"{name} is already adapted ({type(dense).__name__}); LoRA adapts "
-                          f"plain dense layers only")
-      adapter_lib.replace_module(module, path, LoraDense.from_dense(
-          dense, rank=self.rank, alpha=self.alpha, dropout=self.dropout, rngs=rngs))
+      layer = adapter_lib.extend(dense, LoraMixin)
+      layer.add_lora(rank=self.rank, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora,
+                     dora=self.dora, rngs=rngs)
+      adapter_lib.replace_module(module, path, layer)
 
   def rules(self) -> list[tuple[str, str]]:
-    return [(r".*/lora_[ab]", TRAINABLE)]
+    return [(r".*/lora_(a|b|magnitude)", TRAINABLE)]
+
+  def convert(self, params: keymap.FlatParams) -> keymap.FlatParams:
+    """DoRA's magnitudes start at the base kernel's column norms (B = 0), so the
+    adapted model computes what the base model does."""
+    if not self.dora:
+      return params
+    flat = dict(params)
+    for prefix in self._adapted(flat):
+      kernel = adapter_lib.kernel_value(flat, prefix)
+      n_in = flat[prefix + "lora_a"].ndim - 1
+      norm = jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(kernel, jnp.float32)),
+                              axis=tuple(range(n_in))))
+      old = flat[prefix + "lora_magnitude"]
+      flat[prefix + "lora_magnitude"] = jax.device_put(
+          norm.astype(old.dtype), getattr(old, "sharding", None))
+    return flat
 
   def merge(self, params: keymap.FlatParams) -> keymap.FlatParams:
-    """Folds each of this spec's adapters into its kernel: W + (alpha/rank) A B."""
+    """Folds each of this spec's adapters into its kernel: W + scale A B (DoRA:
+    m * (W + scale A B) / ||W + scale A B||)."""
     flat = dict(params)
     for prefix in self._adapted(flat):
       lora_a, lora_b = flat.pop(prefix + "lora_a"), flat.pop(prefix + "lora_b")
-      kernel = flat[prefix + "kernel"]
+      kernel = adapter_lib.kernel_value(flat, prefix)
       # (in..., rank) x (rank, out...) -> (in..., out...), in full float32 even
       # where matmuls default to bfloat16 passes (TPU).
       delta = jnp.tensordot(lora_a, lora_b, axes=1, precision=jax.lax.Precision.HIGHEST)
-      flat[prefix + "kernel"] = (kernel + self.scale * delta).astype(kernel.dtype)
+      merged = kernel + self.scale * delta
+      if self.dora:
+        magnitude = flat.pop(prefix + "lora_magnitude")
+        norm = column_norm(kernel, lora_a, lora_b, self.scale, lora_a.ndim - 1)
+        merged = merged * (magnitude / norm)
+      flat[prefix + "kernel"] = merged.astype(jnp.float32)
     return flat
 
   def to_peft(self, model, params: keymap.FlatParams) -> tuple[dict, dict[str, np.ndarray]]:
@@ -128,12 +151,15 @@ class LoraSpec:
       # The kernel's input axes flatten to PEFT's `in`, its output axes to `out`.
       tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(lora_a.reshape(-1, rank).T)
       tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(lora_b.reshape(rank, -1).T)
+      if self.dora:
+        tensors[f"{module}.lora_magnitude_vector"] = np.ascontiguousarray(
+            np.asarray(params[prefix + "lora_magnitude"], np.float32).reshape(-1))
       modules.append(module)
     config = {
         "peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha,
         "lora_dropout": self.dropout, "target_modules": hf_adapter.target_modules(model, modules),
         "bias": "none", "fan_in_fan_out": model.config.model_type == "gpt2",
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "use_rslora": self.rslora, "use_dora": self.dora, "init_lora_weights": True,
     }
     return config, tensors
 
@@ -163,64 +189,89 @@ def _lora_a_init(key: jax.Array, shape: tuple[int, ...], dtype, fan_in: int) -> 
   return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
 
 
-class LoraDense(layers.Dense):
-  """A `layers.Dense` plus a low-rank update: `W x + b + (alpha/rank) B(A(dropout(x)))`.
+class LoraMixin:
+  """A dense layer plus a low-rank update: `W x + b + scale * B(A(dropout(x)))`.
 
-  Holds `kernel` and `bias` at the same paths and shapes as the Dense it
-  replaces (so base weights load unchanged), plus `lora_a` (in..., rank) with
-  axes `kernel's input axes + ("lora",)` and `lora_b` (rank, out...) with axes
-  `("lora",) + kernel's output axes`.
+  Extends whatever dense layer it adapts (`adapter.extend`: a plain
+  `layers.Dense`, or a quantised one, `ftjax.peft.quant`), keeping its
+  variables at the same paths, plus `lora_a` (in..., rank) with axes
+  `kernel's input axes + ("lora",)` and `lora_b` (rank, out...) with axes
+  `("lora",) + kernel's output axes`. scale is alpha/rank, or alpha/sqrt(rank)
+  with rsLoRA (Kalajdzievski, 2023).
+
+  DoRA (Liu et al., 2024; PEFT's `use_dora`) adds `lora_magnitude` (out...):
+  the layer computes `m * (W + scale A B) / ||W + scale A B||` (the norm of each
+  output column, over the input axes) times x, plus b. As in PEFT (and the
+  paper's section 4.3) the norm is treated as a constant in the backward pass.
 
   Dropout needs `deterministic` and `rngs` at call time: the models pass
-  them to every projection (`dense(x, deterministic=..., rngs=...)`), and a
-  plain `Dense` ignores them. Storing an RNG stream in the layer instead
-  (nnx.Dropout(rngs=...)) would put non-Param state into the parameter tree,
-  which `Model` forbids, and would freeze the key at trace time under jit.
+  them to every projection (`dense(x, deterministic=..., rngs=...)`).
   """
 
-  def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], *,
-               axes: Sequence[str], init_std: float, rank: int, alpha: float,
-               dropout: float = 0.0, dtype, param_dtype=jnp.float32, use_bias: bool = True,
-               rngs: nnx.Rngs):
-    super().__init__(in_features, out_features, axes=axes, init_std=init_std, dtype=dtype,
-                     param_dtype=param_dtype, use_bias=use_bias, rngs=rngs)
+  def add_lora(self, *, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs,
+               rslora: bool = False, dora: bool = False) -> None:
     n_in = len(self.in_features)
+    # The keys a fresh Dense would draw for its kernel and bias, drawn and
+    # dropped: LoRA layers were once built as new Dense layers, and runs and
+    # fixtures from then initialise A the same way.
+    for _ in range(1 + bool(self.use_bias)):
+      rngs.params()
     self.rank = rank
     self.alpha = alpha
-    self.scale = alpha / rank
+    self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    self.use_dora = dora
     self.lora_a = nnx.Param(
-        _lora_a_init(rngs.params(), (*self.in_features, rank), param_dtype,
+        _lora_a_init(rngs.params(), (*self.in_features, rank), self.param_dtype,
                      math.prod(self.in_features)),
         logical_axes=(*self.axes[:n_in], LORA_AXIS))
-    self.lora_b = nnx.Param(jnp.zeros((rank, *self.out_features), param_dtype),
+    self.lora_b = nnx.Param(jnp.zeros((rank, *self.out_features), self.param_dtype),
                             logical_axes=(LORA_AXIS, *self.axes[n_in:]))
+    if dora:
+      # Set from the base kernel's column norms by `LoraSpec.convert`.
+      self.lora_magnitude = nnx.Param(jnp.ones(self.out_features, self.param_dtype),
+                                      logical_axes=self.axes[n_in:])
     self.lora_dropout = nnx.Dropout(dropout)
-
-  @classmethod
-  def from_dense(cls, dense: layers.Dense, *, rank: int, alpha: float, dropout: float,
-                 rngs: nnx.Rngs) -> "LoraDense":
-    """An adapted copy of `dense` that keeps its kernel and bias variables."""
-    lora = cls(dense.in_features, dense.out_features, axes=dense.axes, init_std=dense.init_std,
-               rank=rank, alpha=alpha, dropout=dropout, dtype=dense.dtype,
-               param_dtype=dense.param_dtype, use_bias=dense.use_bias, rngs=rngs)
-    # The base weights stay the ones the model built (same init, same
-    # metadata), so a LoRA model's `init(key)` has the base model's weights.
-    lora.kernel = dense.kernel
-    lora.bias = dense.bias
-    return lora
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-    out = super().__call__(inputs)
+    out = super().__call__(inputs, deterministic=deterministic, rngs=rngs)
     x = self.lora_dropout(inputs, deterministic=deterministic, rngs=rngs)
-    x, lora_a, lora_b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]),
-                                           dtype=self.dtype)
-    n_in = len(self.in_features)
-    # Contract the trailing input axes with A, then the rank axis with B.
-    h = jnp.tensordot(x, lora_a, axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
-                      precision=self.precision)
+    lora_a, lora_b = self.promote_dtype((self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+    h = self.contract(x, lora_a)
     delta = jnp.tensordot(h, lora_b, axes=1, precision=self.precision)
-    return out + jnp.asarray(self.scale, delta.dtype) * delta
+    scale = jnp.asarray(self.scale, delta.dtype)
+    if not self.use_dora:
+      return out + scale * delta
+    kernel = self.kernel_value()
+    if deterministic or self.lora_dropout.rate == 0.0:
+      base = out
+      if self.bias is not None:
+        base = base - self.promote_dtype((self.bias[...],), dtype=self.dtype)[0]
+    else:  # PEFT: with dropout, the base term of DoRA sees the dropped input too.
+      base = self.contract(x, kernel)
+    norm = jax.lax.stop_gradient(column_norm(
+        kernel, self.lora_a[...], self.lora_b[...], self.scale, len(self.in_features)))
+    mag_scale = (self.lora_magnitude[...] / norm).astype(out.dtype)
+    return out + (mag_scale - 1) * base + mag_scale * scale * delta
+
+
+def column_norm(kernel, lora_a, lora_b, scale: float, n_in: int) -> jax.Array:
+  """||W + scale A B|| over the input axes, in float32: DoRA's per-output-column norm."""
+  delta = jnp.tensordot(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), axes=1,
+                        precision=jax.lax.Precision.HIGHEST)
+  merged = kernel.astype(jnp.float32) + scale * delta
+  return jnp.sqrt(jnp.sum(jnp.square(merged), axis=tuple(range(n_in))))
+
+
+def LoraDense(in_features, out_features, *, axes, init_std: float, rank: int, alpha: float,
+              dropout: float = 0.0, dtype, param_dtype=jnp.float32, use_bias: bool = True,
+              rslora: bool = False, dora: bool = False, rngs: nnx.Rngs):  # pylint: disable=invalid-name
+  """A new `layers.Dense` with a LoRA adapter (tests and small examples)."""
+  dense = layers.Dense(in_features, out_features, axes=axes, init_std=init_std, dtype=dtype,
+                       param_dtype=param_dtype, use_bias=use_bias, rngs=rngs)
+  layer = adapter_lib.extend(dense, LoraMixin)
+  layer.add_lora(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora, rngs=rngs)
+  return layer
 
 
 def lora_paths(params) -> list[str]:
@@ -248,12 +299,8 @@ def from_peft(model: models.Model, config: dict, tensors: dict[str, np.ndarray],
   """(spec, adapter values, other tensors) of a PEFT LORA adapter for the base `model`.
 
   The adapter's modules become exact targets. Refuses what this LoRA does not
-  compute (rsLoRA, DoRA, per-module ranks or alphas, trained biases).
+  compute (per-module ranks or alphas, trained biases).
   """
-  for key in ("use_rslora", "use_dora"):
-    if config.get(key, False):
-      raise CheckpointError(f"{where} sets {key}={config[key]}; ftjax's LoRA supports plain "
-                            f"LoRA only")
   for key in ("rank_pattern", "alpha_pattern"):
     if config.get(key):
       raise CheckpointError(f"{where} sets {key}; expected one rank and alpha for every module")
@@ -262,7 +309,8 @@ def from_peft(model: models.Model, config: dict, tensors: dict[str, np.ndarray],
   pairs: dict[str, dict[str, np.ndarray]] = {}
   rest = {}
   for name, value in tensors.items():
-    m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+    m = (re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+         or re.fullmatch(r"(.+)\.lora_magnitude_(vector)(?:\.[^.]+)?(?:\.weight)?", name))
     if not m:
       rest[name] = value
       continue
@@ -275,12 +323,21 @@ def from_peft(model: models.Model, config: dict, tensors: dict[str, np.ndarray],
     raise CheckpointError(f"{where} holds no lora_A/lora_B tensors")
   spec = LoraSpec(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                   dropout=float(config.get("lora_dropout", 0.0)),
-                  targets=tuple(re.escape(p.rstrip("/")) for p in sorted(pairs)))
+                  targets=tuple(re.escape(p.rstrip("/")) for p in sorted(pairs)),
+                  rslora=bool(config.get("use_rslora", False)),
+                  dora=bool(config.get("use_dora", False)))
   shapes = keymap.flatten(models.Model.build(model.config, adapters=(spec,)).abstract_params)
   values = {}
   for prefix, pair in pairs.items():
-    if set(pair) != {"A", "B"}:
-      raise CheckpointError(f"adapter of {prefix.rstrip('/')!r} lacks lora_{'AB'[len(pair) % 2]}")
+    if not {"A", "B"} <= set(pair):
+      raise CheckpointError(f"adapter of {prefix.rstrip('/')!r} lacks lora_"
+                            f"{'B' if 'A' in pair else 'A'}")
+    if spec.dora != ("vector" in pair):
+      raise CheckpointError(f"adapter of {prefix.rstrip('/')!r}: use_dora={spec.dora} but "
+                            f"lora_magnitude_vector is {'missing' if spec.dora else 'present'}")
+    if spec.dora:
+      m_shape = shapes[prefix + "lora_magnitude"].shape
+      values[prefix + "lora_magnitude"] = pair["vector"].reshape(m_shape).astype(np.float32)
     a_shape, b_shape = shapes[prefix + "lora_a"].shape, shapes[prefix + "lora_b"].shape
     lora_a, lora_b = pair["A"].T, pair["B"].T
     if lora_a.shape != (math.prod(a_shape[:-1]), a_shape[-1]) or \
@@ -295,7 +352,9 @@ def from_peft(model: models.Model, config: dict, tensors: dict[str, np.ndarray],
 
 def _from_strategy(strategy: ml_collections.ConfigDict) -> LoraSpec:
   s = strategy.lora
-  return LoraSpec(rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=tuple(s.targets))
+  return LoraSpec(rank=s.rank, alpha=s.alpha, dropout=s.dropout, targets=tuple(s.targets),
+                  rslora=s.rslora, dora=s.dora)
 
 
-adapter_lib.register("lora", _from_strategy, peft_type="LORA", from_peft=from_peft)
+adapter_lib.register("lora", _from_strategy, peft_type="LORA", from_peft=from_peft,
+                     strategy=True)

@@ -60,11 +60,12 @@ def strategy_rules(strategy: ml_collections.ConfigDict, *, num_layers: int) -> l
     rules.append((".*", TRAINABLE))
   elif name == "head_only":
     rules += [(HEAD, TRAINABLE), (".*", FROZEN)]
-  elif name == "lora":
-    # The adapters' rules came first; as head_only, plus those.
+  elif name in adapter_lib.strategy_names():
+    # "lora", "ia3", ...: the adapters' rules came first; as head_only, plus those.
     rules += [(HEAD, TRAINABLE), (".*", FROZEN)]
   else:
-    raise ConfigError(f"strategy.name={name!r}; expected one of full, freeze, head_only, lora")
+    raise ConfigError(f"strategy.name={name!r}; expected one of full, freeze, head_only, "
+                      f"{', '.join(adapter_lib.strategy_names())}")
   return rules
 
 
