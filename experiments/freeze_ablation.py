@@ -20,7 +20,9 @@ so compiles and evaluations stay out of it).
 
 Restarting the same command resumes: finished runs (those with a
 results.json) are skipped, and an interrupted one is started again with the
-same command, which resumes from the latest checkpoint in its workdir.
+same command, which resumes from the latest checkpoint in its workdir. The
+runs go through `ftjax.sweeps.run_points`, as every sweep does
+(`experiments/sweep.py` is the general grid runner).
 """
 
 import csv
@@ -29,7 +31,6 @@ import os
 import pathlib
 import sys
 import time
-from typing import NamedTuple
 
 from absl import app, flags
 
@@ -64,9 +65,9 @@ CSV_COLUMNS = ("run", "strategy", "frozen_layers", "trainable_params", "trainabl
                "test_accuracy", "test_f1", "validation_accuracy", "step_ms", "wall_s", "steps")
 
 
-class Run(NamedTuple):
-  name: str  # Its workdir under the sweep folder.
-  overrides: tuple[str, ...]  # --config.* flags on top of the sweep's common ones.
+# A run of the ablation: its workdir name under the sweep folder and its
+# --config.* flags on top of the sweep's common ones (`ftjax.sweeps`).
+Run = sweeps.Point
 
 
 def build_runs(layers: list[int], variants: list[str], *, head_lr: float, lora_lr: float,
@@ -119,11 +120,6 @@ def _parse_layers(values: list[str] | None, num_layers: int) -> list[int]:
     raise FtjaxError(f"--layers has {bad}; the model has {num_layers} layers, expected "
                      f"0..{num_layers}")
   return layers
-
-
-def _train(run: Run, run_dir: pathlib.Path, command: list[str]) -> None:
-  """One `python -m ftjax.main` run, its output appended to run_dir/log.txt."""
-  sweeps.run_logged(run.name, run_dir, command, cwd=REPO)
 
 
 def _row(run_dir: pathlib.Path) -> dict:
@@ -226,31 +222,22 @@ def sweep() -> None:
   """
   config_path = pathlib.Path(_CONFIG.value).resolve()
   sweep_dir = pathlib.Path(_SWEEP_DIR.value).resolve()
-  if sweep_dir.exists() and not sweep_dir.is_dir():
-    raise FtjaxError(f"--sweep_dir={sweep_dir} is a file; expected a folder for the runs")
   model = _MODEL.value
   if model and pathlib.Path(model).is_dir():  # The runs start in the repository root.
     model = str(pathlib.Path(model).resolve())
   model, num_layers = _model_and_depth(config_path, model)
   runs = build_runs(_parse_layers(_LAYERS.value, num_layers), _VARIANTS.value,
                     head_lr=_HEAD_LR.value, lora_lr=_LORA_LR.value, lora_rank=_LORA_RANK.value)
-  sweep_dir.mkdir(parents=True, exist_ok=True)
-  finished = []
+  # Order matters: the run's overrides win over the common ones, --extra over both.
+  runs = [Run(r.name, (*r.overrides, *_EXTRA.value)) for r in runs]
   try:
-    for run in runs:
-      run_dir = sweep_dir / run.name
-      if (run_dir / "results.json").exists():
-        print(f"skip {run.name}: finished", flush=True)
-      else:
-        # Order matters: the run's overrides win over the common ones, --extra over both.
-        _train(run, run_dir, [
-            sys.executable, "-m", "ftjax.main", f"--config={config_path}",
-            f"--workdir={run_dir}", f"--config.model.name_or_path={model}",
-            f"--config.training.num_epochs={_NUM_EPOCHS.value}",
-            f"--config.training.log_every_steps={_LOG_EVERY_STEPS.value}",
-            *run.overrides, *_EXTRA.value])
-      finished.append(run.name)
+    sweeps.run_points(runs, sweep_dir, [
+        sys.executable, "-m", "ftjax.main", f"--config={config_path}",
+        f"--config.model.name_or_path={model}",
+        f"--config.training.num_epochs={_NUM_EPOCHS.value}",
+        f"--config.training.log_every_steps={_LOG_EVERY_STEPS.value}"], cwd=REPO)
   finally:
+    finished = [r.name for r in runs if (sweep_dir / r.name / "results.json").exists()]
     print(summarize(sweep_dir, finished), end="", flush=True)
     if finished:
       print(f"wrote {sweep_dir}/results.csv, results.md, ablation.png", flush=True)

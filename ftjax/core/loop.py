@@ -17,6 +17,7 @@ Order of a run:
 
 import json
 import pathlib
+import resource
 import signal
 import time
 import zlib
@@ -285,4 +286,14 @@ def write_results(workdir: pathlib.Path, loop: Loop, summary: Mapping,
        "best": {"metric": t.metric, "value": t.best, "step": t.best_step, **t.best_results},
        # Median over log windows: compiles and evaluations fall in a few of them.
        "train/median_seconds_per_step": float(np.median(seconds_per_step)),
-       "wall_seconds": wall_seconds}, indent=2) + "\n")
+       **peak_memory(), "wall_seconds": wall_seconds}, indent=2) + "\n")
+
+
+def peak_memory() -> dict:
+  """The process's peak resident memory, and the devices' peak bytes where they report it
+  (GPU/TPU; a CPU device does not)."""
+  out = {"memory/peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  if all("peak_bytes_in_use" in s for s in stats):
+    out["memory/peak_device_bytes"] = max(s["peak_bytes_in_use"] for s in stats)
+  return out

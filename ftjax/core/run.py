@@ -245,4 +245,7 @@ def partition_summary(run: Run) -> dict:
                100 * trainable / total)
   return {"params/trainable": trainable, "params/total": total,
           "params/trainable_fraction": trainable / total,
+          # What the parameters occupy on the devices (a quantised base's codes
+          # included), over all shards.
+          "params/bytes": optim.state_bytes((state.trainable, state.frozen)),
           "optimizer/state_bytes": optim.state_bytes(state.opt_state)}
