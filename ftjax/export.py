@@ -74,7 +74,8 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str = "
   config, model, params, tokenizer, step, saved = restore_params(workdir, which, overrides)
   if fmt == "peft":
     if not model.adapters:
-      raise FtjaxError(f"--format=peft needs a LoRA run; {workdir} used strategy "
+      raise FtjaxError(f"--format=peft needs an adapter run (LoRA, DoRA, IA3, prompt or prefix "
+                       f"tuning); {workdir} used strategy "
                        f"{config.strategy.name!r} (export it with --format=merged)")
     # Every other trained parameter (a new head) goes whole into modules_to_save.
     adapter_paths = set(adapter_lib.adapter_paths(model))
@@ -96,7 +97,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's workdir.")
   flags.DEFINE_string("out", None, "Folder to write the export to.")
   flags.DEFINE_enum("format", "merged", ["merged", "peft"],
-                    "merged: a Hugging Face checkpoint; peft: a PEFT LoRA adapter.")
+                    "merged: a Hugging Face checkpoint; peft: a PEFT adapter folder.")
   flags.DEFINE_string("checkpoint", "latest", "latest | best | a step number.")
   flags.DEFINE_multi_string("set", [], "key=value changes to the run's config "
                             "(e.g. model.name_or_path=/moved/base).")

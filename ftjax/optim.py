@@ -20,8 +20,10 @@ import optax
 
 from ftjax.models import keymap
 
-# Weight decay applies to weight matrices (and LoRA factors) only.
-_DECAYED = re.compile(r".*/(kernel|lora_a|lora_b)")
+# Weight decay applies to weight matrices (and LoRA's factors, bottleneck
+# adapters' projections) only: not to biases, norms, embeddings, IA3's scales
+# (decay would pull them to 0, not 1), DoRA's magnitudes or virtual tokens.
+_DECAYED = re.compile(r".*/(kernel|lora_a|lora_b|adapter_down|adapter_up)")
 
 
 def schedule(config: ml_collections.ConfigDict, *, total_steps: int,
