@@ -33,7 +33,7 @@ setuptools.setup(
     extras_require={
         # torch is pinned: a CPU wheel of exactly this version ships on the
         # project's machines; any other version downloads several GB.
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft", "bitsandbytes"],
         "tfds": ["tensorflow-cpu"],
     },
 )

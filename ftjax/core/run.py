@@ -123,17 +123,21 @@ def _load_model(config, mesh):
   def shardings(model):
     return sharding.param_shardings(config, mesh, model.abstract_params, model.param_axes)
 
+  adapters = adapter_lib.from_config(config.strategy)
+  # A quantised base is quantised on the host as the checkpoint is read: its
+  # float kernels never reach the devices. The other adapters stack on it.
+  on_base = model_sources.base_adapters(adapters)
   source = model_sources.load(
       m.name_or_path, task=m.task, num_labels=m.num_labels, dtype=m.dtype, pooling=m.pooling,
       allow_pickle=m.allow_pickle, seed=config.seed, shardings=shardings,
-      layers=tuple(m.layers))
+      layers=tuple(m.layers), adapters=on_base)
   model, params = source.model, source.params
   if config_lib.objective_class(config) is None:
     raise FtjaxError(f"model.task={m.task!r}: training needs a head; set "
                      f"--config.model.task=classification (or causal_lm for a decoder)")
   # Adapters that need the tokenizer (prompt tuning initialised from a text) bind it.
   adapters = tuple(a.bind(source.tokenizer) if hasattr(a, "bind") else a
-                   for a in adapter_lib.from_config(config.strategy))
+                   for a in adapters if a not in on_base)
   if adapters:
     model, params = adapter_lib.add_adapters(model, params, adapters,
                                              jax.random.key(config.seed + 1))
@@ -219,14 +223,25 @@ def _fit_to_positions(config: ml_collections.ConfigDict,
 
   A longer row would gather past the table (NaN embeddings); its sequences are
   truncated instead, as any sequence over data.max_length is, and counted in
-  the log. Rotary models (no table) are left alone.
+  the log. Rotary models (no table) are left alone. Prompt and prefix
+  tuning's virtual tokens take the first positions: data.max_length plus them
+  must fit, else a one-line error (cutting would hide that the adapter
+  shortens every sequence).
   """
+  from ftjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   table = model.abstract_params.get("embeddings", {}).get("position")
   if table is None:
     return config
   limit = table["embedding"].shape[0]
   if model.config.model_type == "roberta":  # Positions start at pad_token_id + 1 (fairseq).
     limit -= model.config.pad_token_id + 1
+  virtual = {a.name: a.num_virtual_tokens for a in model.adapters
+             if hasattr(a, "num_virtual_tokens")}
+  if virtual and config.data.max_length + sum(virtual.values()) > limit:
+    names = " + ".join(f"strategy.{name}.num_virtual_tokens={n}" for name, n in virtual.items())
+    raise ConfigError(f"data.max_length={config.data.max_length} + {names} exceed the {limit} "
+                      f"positions of {config.model.name_or_path}; expected data.max_length <= "
+                      f"{limit - sum(virtual.values())} (or fewer virtual tokens)")
   if config.data.max_length <= limit:
     return config
   logging.warning("data.max_length=%d is more than the %d positions of %s; sequences are "

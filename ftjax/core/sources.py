@@ -48,18 +48,38 @@ def is_run(name_or_path: str) -> bool:
   return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
 
 
+def base_adapters(adapters) -> tuple:
+  """The adapters that transform the base weights (`transforms_base`: a quantised
+  kernel, `ftjax.peft.quant`), which `load` applies as the checkpoint is read."""
+  return tuple(a for a in adapters if getattr(a, "transforms_base", False))
+
+
 def load(name_or_path: str, *, task: str, num_labels: int | None = None,
          dtype: str = "float32", pooling: str = "pooler", allow_pickle: bool = False,
          seed: int = 0, shardings: Callable[[models.Model], Any] | None = None,
-         layers: tuple[int, ...] = ()) -> Source:
-  """The model at `name_or_path` (see the module docstring), sharded by `shardings(model)`."""
+         layers: tuple[int, ...] = (), adapters: tuple = ()) -> Source:
+  """The model at `name_or_path` (see the module docstring), sharded by `shardings(model)`.
+
+  `adapters` (`base_adapters`: a quantised base) are part of the loaded model:
+  a checkpoint's tensors are converted on the host as they are read
+  (`ftjax.models.load_pretrained`); a run's merged weights are converted on
+  the devices.
+  """
   if is_run(name_or_path):
     source = _load_run(name_or_path, task=task, num_labels=num_labels, dtype=dtype,
                        pooling=pooling, shardings=shardings)
+    if adapters:
+      # Imported here, as in `_load_run`: adapters are a core-level concept.
+      from ftjax.peft import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
+      model, params = adapter_lib.add_adapters(source.model, source.params, adapters,
+                                               jax.random.key(seed))
+      if shardings:
+        params = jax.device_put(params, shardings(model))
+      source = dataclasses.replace(source, model=model, params=params)
   else:
     loaded = models.load_pretrained(
         name_or_path, task=task, num_labels=num_labels, dtype=dtype, pooling=pooling,
-        allow_pickle=allow_pickle, seed=seed, shardings=shardings)
+        allow_pickle=allow_pickle, seed=seed, shardings=shardings, adapters=adapters)
     source = Source(loaded.model, loaded.params, loaded.new_paths,
                     models.load_tokenizer(name_or_path), {})
   if not layers:
@@ -85,16 +105,19 @@ def _load_run(name_or_path: str, *, task, num_labels, dtype, pooling, shardings)
     if wanted != have:
       raise ConfigError(f"{name_or_path!r} is a run with model.{key}={have!r}; expected "
                         f"{wanted!r} (set model.{key}={have!r} to load it)")
+  adapters = adapter_lib.from_config(run_config.strategy)
+  # The run's quantised base (if any) is loaded as the run loaded it.
+  on_base = base_adapters(adapters)
   base = load(m.name_or_path, task=m.task, num_labels=m.num_labels, dtype=dtype,
               pooling=m.pooling, allow_pickle=m.allow_pickle, seed=run_config.seed,
-              shardings=shardings, layers=tuple(m.layers))
+              shardings=shardings, layers=tuple(m.layers), adapters=on_base)
   model, params = base.model, base.params
   if num_labels is not None and model.config.num_labels != num_labels:
     raise ConfigError(f"{name_or_path!r} is a run with {model.config.num_labels} labels; "
                       f"expected model.num_labels={num_labels}")
-  adapters = adapter_lib.from_config(run_config.strategy)
-  if adapters:
-    model, params = adapter_lib.add_adapters(model, params, adapters,
+  stacked = tuple(a for a in adapters if a not in on_base)
+  if stacked:
+    model, params = adapter_lib.add_adapters(model, params, stacked,
                                              jax.random.key(run_config.seed + 1))
   flat = dict(keymap.flatten(params))
   saved = {p: v for p, v in checkpoint_lib.read_trainable(workdir, step).items()
@@ -106,7 +129,7 @@ def _load_run(name_or_path: str, *, task, num_labels, dtype, pooling, shardings)
                         f"which the run's model does not; was its config.json edited?")
     flat[path] = jax.device_put(np.asarray(value, np.float32), targets.get(path))
   params = keymap.unflatten(flat, model.abstract_params)
-  if adapters:
+  if model.adapters:
     model, params = adapter_lib.merge_adapters(model, params)
   logging.info("loaded run %s at step %d (%d trained parameters over %s)", workdir, step,
                len(saved), m.name_or_path)

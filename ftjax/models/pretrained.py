@@ -184,20 +184,33 @@ class Loaded:
 def load_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int | None = None,
                     dtype: str = "float32", pooling: str = "pooler",
                     allow_pickle: bool = False, seed: int = 0,
-                    shardings: Callable[[Model], Params] | None = None) -> Loaded:
+                    shardings: Callable[[Model], Params] | None = None,
+                    adapters: Iterable = ()) -> Loaded:
   """`from_pretrained`, also saying which parameters are new.
 
   `shardings(model)` gives a tree of `jax.sharding.Sharding`s shaped like the
   params: checkpoint tensors then go straight from host memory into their
   shards and new heads are initialised already sharded, so no device ever
   holds the whole model.
+
+  `adapters` transform the base weights as they are read (a quantised kernel,
+  `ftjax.peft.quant`): the model is `Model.build(config, adapters)`, and each
+  adapter's `convert(flat)` runs in order on the host's numpy arrays, before
+  anything is put on a device, with the leaves the adapters add present as
+  their shapes (`jax.ShapeDtypeStruct`s); leaves no `convert` set are
+  initialised. So a quantised base never has its float kernels on a device.
+  (Models import no adapter: any object with `inject`, and optionally
+  `convert`, will do.)
   """
   checkpoint = _open_checkpoint(name_or_path, allow_pickle=allow_pickle)
   folder = checkpoint.where
   config = _config(checkpoint, task, num_labels, dtype, pooling)
-  model = Model.build(config)
+  adapters = tuple(adapters)
+  base = Model.build(config)
+  # Built before any tensor is read: an adapter that cannot fit the model fails first.
+  model = Model.build(config, adapters=adapters) if adapters else base
   table = model.family.table
-  flat_shapes = {p: tuple(x.shape) for p, x in keymap.flatten(model.abstract_params).items()}
+  flat_shapes = {p: tuple(x.shape) for p, x in keymap.flatten(base.abstract_params).items()}
   tensors = checkpoint.open_tensors()
   filled, skipped = keymap.import_params(table, tensors, flat_shapes, source=str(folder))
 
@@ -212,15 +225,39 @@ def load_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int
   if skipped:
     logging.info("Not used by this model (task=%s): %s", task, ", ".join(skipped))
   flat_shardings = keymap.flatten(shardings(model)) if shardings else {}
-  flat = {p: jax.device_put(np.asarray(x, np.float32), flat_shardings.get(p))
-          for p, x in filled.items()}
+  base_shardings = keymap.flatten(shardings(base)) if shardings and adapters else flat_shardings
+  flat = {p: np.asarray(x, np.float32) for p, x in filled.items()}
   if missing:
     logging.warning("Newly initialized (not in the checkpoint; train them before use): %s",
                     ", ".join(missing))
-    flat.update(model.init(jax.random.key(seed), only=missing,
-                           shardings={p: flat_shardings[p] for p in missing}
-                           if flat_shardings else None))
+    flat.update(base.init(jax.random.key(seed), only=missing,
+                          shardings={p: base_shardings[p] for p in missing}
+                          if base_shardings else None))
+  if adapters:
+    flat = _convert(model, flat, adapters, seed,
+                    {p: s for p, s in flat_shardings.items() if p not in flat_shapes})
+  flat = {p: jax.device_put(x, flat_shardings.get(p)) for p, x in flat.items()}
   return Loaded(model, keymap.unflatten(flat, model.abstract_params), tuple(missing))
+
+
+def _convert(model: Model, flat: dict, adapters: tuple, seed: int, shardings: dict) -> dict:
+  """`flat` (the base model's parameters) with `adapters`' `convert`s applied on the
+  host, and the adapters' leaves none of them set initialised (see `load_pretrained`)."""
+  abstract = keymap.flatten(model.abstract_params)
+  flat = {**{p: x for p, x in abstract.items() if p not in flat}, **flat}
+  for adapter in adapters:
+    if hasattr(adapter, "convert"):
+      flat = adapter.convert(flat)
+  unset = [p for p, x in flat.items() if isinstance(x, jax.ShapeDtypeStruct)]
+  flat = {p: x for p, x in flat.items() if p not in unset}
+  if unset:
+    flat.update(model.init(jax.random.key(seed), only=unset,
+                           shardings={p: shardings[p] for p in unset} if shardings else None))
+  if set(flat) != set(abstract):
+    odd = sorted(set(flat) ^ set(abstract))
+    raise ValueError(f"adapters {', '.join(a.name for a in adapters)} leave parameters that "
+                     f"the adapted model does not have (or lack ones it has): {odd[:3]}")
+  return flat
 
 
 def from_pretrained(name_or_path: str, *, task: str = "encoder", num_labels: int | None = None,
@@ -295,12 +332,12 @@ def keep_layers(model: Model, params: Params, layers: Iterable[int], *,
       or layers[0] < 0 or layers[-1] >= n):
     raise ConfigError(f"config key 'model.layers' is {layers!r}; expected increasing layer "
                       f"indices in [0, {n}) of {where} ({n} layers)")
-  if model.adapters:
-    raise ValueError("keep_layers cuts a model before adapters are stacked on it")
   updates = {"num_layers": len(layers)}
   if getattr(model.config, "layer_types", ()):
     updates["layer_types"] = tuple(model.config.layer_types[i] for i in layers)
-  cut = Model.build(dataclasses.replace(model.config, **updates))
+  # Adapters (a quantised base loaded with the checkpoint) are built again on
+  # the cut model; their parameters must then be the kept layers' own.
+  cut = Model.build(dataclasses.replace(model.config, **updates), adapters=model.adapters)
   new_index = {old: new for new, old in enumerate(layers)}
   flat = {}
   for path, value in keymap.flatten(params).items():
@@ -309,4 +346,10 @@ def keep_layers(model: Model, params: Params, layers: Iterable[int], *,
       flat[path] = value
     elif int(match["index"]) in new_index:
       flat[f"{match['stack']}/{new_index[int(match['index'])]}/{match['rest']}"] = value
+  expected = set(keymap.flatten(cut.abstract_params))
+  if set(flat) != expected:
+    odd = sorted(set(flat) ^ expected)
+    raise ValueError(f"keep_layers: the adapters {', '.join(a.name for a in model.adapters)} "
+                     f"do not fit the cut model the same way ({odd[:3]}); cut it before "
+                     f"adding them")
   return cut, keymap.unflatten(flat, cut.abstract_params)

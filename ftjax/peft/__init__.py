@@ -4,3 +4,4 @@
 # so any use of ftjax.peft sees them in the registry.
 from ftjax.peft import lora  # noqa: F401  pylint: disable=unused-import
 from ftjax.peft import ia3, bottleneck  # noqa: F401  pylint: disable=unused-import
+from ftjax.peft import quant  # noqa: F401  pylint: disable=unused-import
