@@ -340,3 +340,17 @@ def test_qlora_run_resumes_bitwise_and_exports(tiny_dirs, tmp_path):
   hidden, logits = _outputs(model, params, inputs)
   assert _max_diff(torch_hidden, hidden, inputs["attention_mask"]) < TOL
   np.testing.assert_allclose(torch_logits, logits, atol=TOL)
+
+
+def test_rules_that_would_train_the_codes_are_one_line(minilm_dir, data_dir, tmp_path):
+  """A user's strategy.rules come first: making a quantised kernel's codes trainable is refused."""
+  from ftjax.errors import FtjaxError  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.config(tiny.make_model(tmp_path / "model", minilm_dir, num_layers=1),
+                       tiny.make_data(tmp_path / "data", data_dir),
+                       **{"strategy.name": "lora", "strategy.quant.method": "int8",
+                          "strategy.rules": ((".*/int8_codes", "trainable"),)})
+  with pytest.raises(FtjaxError, match=r"^parameter '.*int8_codes' \(int8, a quantised base's "
+                     r"codes\) is trainable by the partition rules; expected") as e:
+    train.setup(config, jax.devices()[:1])
+  assert "\n" not in str(e.value)

@@ -32,7 +32,7 @@ from ftjax.core import state as state_lib
 from ftjax.core.transfer import init_from
 from ftjax.data import instruct, sources
 from ftjax.errors import FtjaxError
-from ftjax.models import layers
+from ftjax.models import keymap, layers
 from ftjax.objectives.base import Data, Objective
 from ftjax.peft import adapter as adapter_lib
 from ftjax.peft import partition
@@ -192,6 +192,13 @@ def setup(config: ml_collections.ConfigDict, devices=None,
   rules = [(re.escape(p), partition.TRAINABLE) for p in sorted(new_paths)]
   rules += partition.strategy_rules(config.strategy, num_layers=model.config.num_layers)
   path_labels = partition.labels(list(model.param_axes), rules)
+  shapes = keymap.flatten(model.abstract_params)
+  codes = [p for p, label in path_labels.items() if label == partition.TRAINABLE
+           and not jax.numpy.issubdtype(shapes[p].dtype, jax.numpy.floating)]
+  if codes:
+    raise FtjaxError(f"parameter {codes[0]!r} ({shapes[codes[0]].dtype}, a quantised base's "
+                     f"codes) is trainable by the partition rules; expected integer codes frozen "
+                     f"(check strategy.rules)")
   model = model.with_execution(execution(config, mesh, path_labels))
 
   data = objective.build_data(model, tokenizer)

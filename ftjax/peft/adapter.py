@@ -72,6 +72,9 @@ class Adapter(Protocol):
   #     codes (`ftjax.peft.quant`, which replaces `kernel`), prompt embeddings
   #     from a text. `add_adapters` calls it, in stacking order, on the flat
   #     params (host numpy or device arrays alike).
+  #   transforms_base: bool (class attribute)
+  #     the adapter replaces base weights (a quantised kernel): it is stacked
+  #     innermost and applied as the checkpoint is read (`ftjax.core.sources`).
   #   bind(self, tokenizer) -> Adapter
   #     the adapter with what it needs from the run's tokenizer (prompt tuning
   #     initialised from a text); `ftjax.core.run` calls it before stacking.
