@@ -204,7 +204,8 @@ def generate(model, params, prompts, *, max_new_tokens: int,
       the same tokens.
     max_len: the KV cache's length in slots; default (and minimum) the
       padded prompt length + max_new_tokens. More only costs memory and
-      attention over empty slots.
+      attention over empty slots. Prompt and prefix tuning's virtual tokens
+      take slots of their own on top (`DecoderBackbone.init_cache`).
 
   Returns:
     A `Generation`: the new tokens per row as lists, and the padded arrays.
@@ -251,9 +252,13 @@ def generate(model, params, prompts, *, max_new_tokens: int,
     raise ConfigError(f"max_len={max_len} cannot hold the {prompt_len}-token prompts and "
                       f"{max_new_tokens} new tokens; expected at least {needed}")
   positions = model.abstract_params.get("embeddings", {}).get("position")
-  if positions is not None and needed > positions["embedding"].shape[0]:
-    raise ConfigError(f"{prompt_len} prompt + {max_new_tokens} new tokens exceed the model's "
-                      f"{positions['embedding'].shape[0]} learned positions")
+  # Prompt and prefix tuning's virtual tokens take the first positions (and
+  # cache slots of their own, which init_cache adds).
+  virtual = sum(getattr(a, "num_virtual_tokens", 0) for a in model.adapters)
+  if positions is not None and needed + virtual > positions["embedding"].shape[0]:
+    in_front = f" after {virtual} virtual tokens" if virtual else ""
+    raise ConfigError(f"{prompt_len} prompt + {max_new_tokens} new tokens{in_front} exceed the "
+                      f"model's {positions['embedding'].shape[0]} learned positions")
 
   sampling = _Sampling(greedy=temperature == 0, top_k=int(top_k) if temperature else 0,
                        use_top_p=bool(temperature) and top_p < 1)

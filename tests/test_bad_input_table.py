@@ -377,6 +377,25 @@ CASES = [
          {"strategy.name": "head_only"},
          ("strategy.name='head_only' leaves no parameter", "choose full, freeze or lora"),
          lm=True),
+    # PEFT methods (ftjax.peft): each checks its own config group.
+    Case("quant_unknown_method", "--config.strategy.name=lora --config.strategy.quant.method=nf5",
+         {"strategy.name": "lora", "strategy.quant.method": "nf5"},
+         ("strategy.quant.method='nf5'", "expected 'nf4' or 'int8'")),
+    Case("quant_block_does_not_divide_a_kernel",
+         "--config.strategy.quant.method=nf4 --config.strategy.quant.block_size=48",
+         {"strategy.name": "lora", "strategy.quant.method": "nf4",
+          "strategy.quant.block_size": 48},
+         ("strategy.quant.block_size=48 does not divide kernel 'encoder/layers/0/",
+          "expected a block size that divides every quantised kernel")),
+    Case("bottleneck_unknown_style", "--config.strategy.name=bottleneck "
+         "--config.strategy.bottleneck.style=houlsbi",
+         {"strategy.name": "bottleneck", "strategy.bottleneck.style": "houlsbi"},
+         ("bottleneck style 'houlsbi'", "expected one of 'houlsby', 'pfeiffer'")),
+    Case("ia3_feedforward_not_a_target", "--config.strategy.name=ia3 "
+         "--config.strategy.ia3.feedforward=\"('.*/attention/output',)\"",
+         {"strategy.name": "ia3", "strategy.ia3.feedforward": (".*/attention/output",)},
+         ("IA3 feedforward target '.*/attention/output' matches",
+          "expected feedforward targets to be a subset of the targets")),
 ]
 
 

@@ -18,6 +18,22 @@ The KV cache holds every layer's keys and values in fixed-size arrays, so
 prefill (t = prompt length) and decode (t = 1) are one code path and one
 compiled shape per t. All rows write at the same slot; prompts are
 LEFT-padded so their last real tokens line up at the end of the prefill.
+
+Virtual tokens (PEFT's prompt learning, `ftjax.peft.prompt`) take the first
+slots, in front of every row's tokens (and its left padding):
+
+  prefix slots   [0, prefix)               keys and values only: prefix tuning's
+                                           trained `attention.prefix` of each layer
+  prompt slots   [prefix, prefix + prompt) prompt tuning's trained embeddings
+                                           (`backbone.prompt`), run through the layers
+  token slots    after them
+
+Every query sees them (whatever its segment), and positions count them: they
+are 0.. in slot order and a row's tokens start after them, as PEFT and
+transformers number them (past_key_values for a prefix, inputs_embeds for
+a prompt). The outputs hold the tokens' states only. With a cache,
+`init_cache` writes the virtual slots once (the prefix, and the prompt run
+through the layers), and later calls see them as cached tokens.
 """
 
 from typing import NamedTuple
@@ -67,12 +83,17 @@ def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
 class Context(NamedTuple):
   """What every layer of one forward pass needs besides its input: who sees whom."""
 
-  positions_bt: jax.Array
+  positions_bt: jax.Array         # (batch, t): of every query, virtual ones included
   key_real_bs: jax.Array          # (batch, keys) bool; with a cache, the updated cache mask
   query_slots_t: jax.Array        # (t,) slot of each query
   key_slots_s: jax.Array          # (keys,) slot of each key
-  segment_ids_bt: jax.Array | None
+  segment_ids_bt: jax.Array | None  # (batch, tokens): of the real tokens only
   index: jax.Array | None         # where the new tokens go in the cache
+  # Virtual slots in front of the tokens (prefix + prompt; 0 with a cache,
+  # which holds them as cached tokens), and what prefix tuning's
+  # `attention.prefix` modules read (its reparameterisation's hidden state).
+  num_virtual: int = 0
+  prefix_hidden: jax.Array | None = None
 
   def mask(self, window: int | None = None) -> jax.Array:
     """(batch, 1, t, keys) bool, True where a query may attend to a key."""
@@ -80,17 +101,32 @@ class Context(NamedTuple):
     k_11s = self.key_slots_s[None, None, :]
     mask_bts = (k_11s <= q_1t1) & self.key_real_bs[:, None, :]
     if self.segment_ids_bt is not None:
-      mask_bts &= self.segment_ids_bt[:, :, None] == self.segment_ids_bt[:, None, :]
+      # Segments of every query and key; virtual slots are seen by all.
+      n_q = self.query_slots_t.shape[0] - self.segment_ids_bt.shape[1]
+      seg_q_bt, seg_k_bs = (
+          jnp.pad(self.segment_ids_bt, ((0, 0), (n, 0)), constant_values=-1)
+          for n in (n_q, self.num_virtual))
+      mask_bts &= ((seg_q_bt[:, :, None] == seg_k_bs[:, None, :])
+                   | (k_11s < self.num_virtual))
     if window is not None:
       # transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window.
       mask_bts &= k_11s > q_1t1 - window
     return mask_bts[:, None]
 
   def attend_over(self, cache_kv: tuple[jax.Array, jax.Array] | None, k_btkd: jax.Array,
-                  v_btkd: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The keys and values to attend over: the new ones, or the cache with them written in."""
+                  v_btkd: jax.Array, prefix=None) -> tuple[jax.Array, jax.Array]:
+    """The keys and values to attend over: the new ones, or the cache with them written in.
+
+    `prefix` is the layer's prefix-tuning module (or None): without a cache,
+    its keys and values go in front of the new ones; a cache holds them already
+    (`DecoderBackbone.init_cache`).
+    """
     if cache_kv is None:
-      return k_btkd, v_btkd
+      if prefix is None:
+        return k_btkd, v_btkd
+      return tuple(jnp.concatenate([jnp.broadcast_to(p_vkd.astype(x.dtype),
+                                                     (x.shape[0], *p_vkd.shape)), x], axis=1)
+                   for p_vkd, x in zip(prefix(self.prefix_hidden), (k_btkd, v_btkd)))
     return tuple(write(c, x, self.index) for c, x in zip(cache_kv, (k_btkd, v_btkd)))
 
   def updated_cache(self, k: list[jax.Array], v: list[jax.Array]) -> Cache:
@@ -110,8 +146,15 @@ def write(cache_bskd: jax.Array, new_btkd: jax.Array, index: jax.Array) -> jax.A
 
 def context(input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None,
             positions_bt: jax.Array | None, segment_ids_bt: jax.Array | None,
-            cache: Cache | None) -> Context:
-  """Positions and masking for one forward pass (see the module docstring)."""
+            cache: Cache | None, *, prompt: int = 0, prefix: int = 0) -> Context:
+  """Positions and masking for one forward pass (see the module docstring).
+
+  Without a cache, `prefix` key-only slots and `prompt` query slots go in front
+  of the tokens; given positions are the tokens' own and shift by both (as
+  PEFT shifts a prefix's position_ids). A cache already holds them.
+  """
+  if cache is not None and (prompt or prefix):
+    raise ValueError("with a cache, the virtual tokens are in the cache (init_cache)")
   batch, t = input_ids_bt.shape
   if segment_ids_bt is not None and cache is not None:
     raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache; "
@@ -122,10 +165,12 @@ def context(input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None,
   real_bt = attention_mask_bt.astype(bool)
   if segment_ids_bt is not None:
     real_bt &= segment_ids_bt != 0  # Segment 0 is padding.
-  query_slots_t = jnp.arange(t, dtype=jnp.int32)
+  virtual = prefix + prompt
+  query_slots_t = jnp.arange(prefix, virtual + t, dtype=jnp.int32)
   if cache is None:
-    index, key_slots_s, key_real_bs = None, query_slots_t, real_bt
-    offset_b1 = 0
+    index, key_slots_s = None, jnp.arange(virtual + t, dtype=jnp.int32)
+    key_real_bs = jnp.concatenate([jnp.ones((batch, virtual), bool), real_bt], axis=1)
+    offset_b1 = virtual
   else:
     index = jnp.asarray(cache.index, jnp.int32)
     query_slots_t = query_slots_t + index
@@ -134,11 +179,18 @@ def context(input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None,
     # Real tokens already in the cache: the new tokens' positions continue from there.
     offset_b1 = cache.mask.sum(axis=1, dtype=jnp.int32)[:, None]
   if positions_bt is None:
-    positions_bt = (positions_from_segments(segment_ids_bt) if segment_ids_bt is not None
+    positions_bt = (positions_from_segments(segment_ids_bt) + offset_b1
+                    if segment_ids_bt is not None
                     else positions_from_mask(attention_mask_bt) + offset_b1)
+  else:
+    positions_bt = jnp.asarray(positions_bt, jnp.int32) + virtual
+  if prompt:
+    positions_bt = jnp.concatenate(
+        [jnp.broadcast_to(jnp.arange(prefix, virtual, dtype=jnp.int32), (batch, prompt)),
+         positions_bt], axis=1)
   return Context(positions_bt=jnp.asarray(positions_bt, jnp.int32), key_real_bs=key_real_bs,
                  query_slots_t=query_slots_t, key_slots_s=key_slots_s,
-                 segment_ids_bt=segment_ids_bt, index=index)
+                 segment_ids_bt=segment_ids_bt, index=index, num_virtual=virtual)
 
 
 def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask: jax.Array, *,
@@ -169,22 +221,44 @@ class DecoderBackbone(nnx.Module):
   """What every decoder family's backbone shares: the forward loop and the KV cache.
 
   A family sets `config`, `embeddings` (with `word`), `decoder.layers` and
-  `final_norm`, and implements `embed` (token ids and positions -> the first
-  hidden state) and `layer_inputs` (what every layer needs from the
-  positions: RoPE's cos/sin, or None). Each layer is called as
-  `layer(x, mask, layer_inputs, cache_kv, context, deterministic=, rngs=)`
-  and returns `(x, (keys, values))`, the keys and values it attended over.
+  `final_norm`, and implements `embed` (token embeddings and positions -> the
+  first hidden state: GPT-2 adds its position embeddings) and `layer_inputs`
+  (what every layer needs from the positions: RoPE's cos/sin, or None). Each
+  layer is called as `layer(x, mask, layer_inputs, cache_kv, context,
+  deterministic=, rngs=)` and returns `(x, (keys, values))`, the keys and
+  values it attended over; its attention passes its `prefix` module, if it
+  has one, to `context.attend_over`.
   The heads (`ftjax.models.heads`) read what `backbone` returns.
+
+  Virtual tokens (the hooks `ftjax.peft.prompt` fills): a `prompt` attribute
+  (`num_virtual_tokens`; `prompt()` -> (virtual, embed) embeddings) puts
+  prompt tuning's tokens in front of the token embeddings; a `prefix`
+  attribute (`num_virtual_tokens`; `prefix()` -> the hidden state its layers'
+  modules read, or None) and a `prefix` module on every layer's attention
+  (`prefix(hidden)` -> keys, values, each (virtual, kv_heads, head_dim)) add
+  prefix tuning's keys and values. `KV_AXES` names a prefix's (kv_heads,
+  head_dim) axes.
 
   The config provides num_layers, num_kv_heads, head_dim, dtype, execution
   and `window(layer)`.
   """
 
-  def embed(self, input_ids_bt, positions_bt, *, deterministic, rngs) -> jax.Array:
+  KV_AXES = ("kv_heads", "kv")
+
+  def embed(self, words_bte, positions_bt, *, deterministic, rngs) -> jax.Array:
     raise NotImplementedError
 
   def layer_inputs(self, positions_bt):
     raise NotImplementedError
+
+  def attention_modules(self) -> list[nnx.Module]:
+    """Every layer's attention module, in order (where prefix tuning adds its keys)."""
+    return [layer.attention for layer in self.decoder.layers]
+
+  def num_virtual_tokens(self) -> tuple[int, int]:
+    """(prompt tuning's, prefix tuning's) virtual tokens; 0 without the adapter."""
+    return tuple(getattr(self, name).num_virtual_tokens if hasattr(self, name) else 0
+                 for name in ("prompt", "prefix"))
 
   def backbone(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None,
                segment_ids_bt=None, cache: Cache | None = None, deterministic: bool = True,
@@ -196,12 +270,33 @@ class DecoderBackbone(nnx.Module):
     tokens. `segment_ids_bt` packs several sequences in a row (0 = padding);
     positions then restart per segment unless given. With `cache`, the t new
     tokens are written at the cache's index and attend to everything before
-    them; the output carries the updated cache.
+    them; the output carries the updated cache. Virtual tokens (prompt and
+    prefix tuning) come first, and shift the positions (module docstring).
     """
+    prompt, prefix = self.num_virtual_tokens() if cache is None else (0, 0)
+    ctx = context(input_ids_bt, attention_mask_bt, positions_bt, segment_ids_bt, cache,
+                  prompt=prompt, prefix=prefix)
+    words_bte = self.embeddings.word(input_ids_bt)
+    if prompt:
+      words_bte = jnp.concatenate([self._prompt_embeddings(words_bte.shape[0]).astype(
+          words_bte.dtype), words_bte], axis=1)
+    if prefix:
+      ctx = ctx._replace(prefix_hidden=self.prefix())
+    x_bte, hidden_states, new_cache = self._layers(words_bte, ctx, cache,
+                                                   deterministic=deterministic, rngs=rngs)
+    return BackboneOutput(x_bte[:, prompt:], tuple(h[:, prompt:] for h in hidden_states), None,
+                          new_cache, x_bte[:, :prompt] if prompt else None)
+
+  def _prompt_embeddings(self, batch: int) -> jax.Array:
+    prompt_ve = self.prompt()
+    return jnp.broadcast_to(prompt_ve, (batch, *prompt_ve.shape))
+
+  def _layers(self, words_bte, ctx: Context, cache: Cache | None, *, deterministic,
+              rngs) -> tuple[jax.Array, list[jax.Array], Cache | None]:
+    """(final hidden state, hidden states, updated cache) of `words_bte` through the stack."""
     cfg = self.config
-    ctx = context(input_ids_bt, attention_mask_bt, positions_bt, segment_ids_bt, cache)
     kw = dict(deterministic=deterministic, rngs=rngs)
-    x_bte = self.embed(input_ids_bt, ctx.positions_bt, **kw)
+    x_bte = self.embed(words_bte, ctx.positions_bt, **kw)
     extra = self.layer_inputs(ctx.positions_bt)
     masks = {}
 
@@ -234,11 +329,31 @@ class DecoderBackbone(nnx.Module):
     x_bte = self.final_norm(x_bte)
     hidden_states[-1] = x_bte
     new_cache = None if cache is None else ctx.updated_cache(keys, values)
-    return BackboneOutput(x_bte, tuple(hidden_states), None, new_cache)
+    return x_bte, hidden_states, new_cache
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-    """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + new)."""
+    """A KV cache for `batch` rows of up to `max_len` tokens (prompt + new).
+
+    Virtual tokens take slots of their own in front: prefix tuning's keys and
+    values are written there, and prompt tuning's tokens run through the
+    layers once to write theirs, so every later call sees them as cached
+    tokens.
+    """
     cfg = self.config
-    return init_cache(num_layers=cfg.num_layers, batch=batch, max_len=max_len,
-                      kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                      dtype=jnp.dtype(dtype or cfg.dtype))
+    prompt, prefix = self.num_virtual_tokens()
+    cache = init_cache(num_layers=cfg.num_layers, batch=batch, max_len=prefix + prompt + max_len,
+                       kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                       dtype=jnp.dtype(dtype or cfg.dtype))
+    if prefix:
+      hidden = self.prefix()
+      kv = [attention.prefix(hidden) for attention in self.attention_modules()]
+      k, v = ([write(c, jnp.broadcast_to(p[j], (batch, *p[j].shape)), jnp.int32(0))
+               for c, p in zip(cached, kv)] for j, cached in enumerate((cache.k, cache.v)))
+      cache = Cache(k=tuple(k), v=tuple(v), mask=cache.mask.at[:, :prefix].set(True),
+                    index=jnp.asarray(prefix, jnp.int32))
+    if prompt:
+      ones_bt = jnp.ones((batch, prompt), jnp.int32)
+      ctx = context(ones_bt, ones_bt, None, None, cache)
+      _, _, cache = self._layers(self._prompt_embeddings(batch).astype(jnp.dtype(cfg.dtype)),
+                                 ctx, cache, deterministic=True, rngs=None)
+    return cache

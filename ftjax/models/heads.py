@@ -66,6 +66,11 @@ def pool(pooling: str, out: BackboneOutput, input_ids_bs: jax.Array,
   "tokens": every token's state (batch, seq, embed); the others (batch, embed):
   "pooler" BERT's pooler output, "cls" the first token's state, "mean" the
   mean over non-padding tokens, "last" the last non-padding token's state.
+
+  With prompt tuning's virtual tokens in front of the tokens (`out.virtual_states`),
+  "cls" reads the first slot the layers saw, the first virtual token, as the
+  pooler does and as transformers' heads do under PEFT; "tokens", "mean" and
+  "last" read the real tokens only.
   """
   x_bse = out.last_hidden_state
   if pooling == "tokens":
@@ -75,7 +80,7 @@ def pool(pooling: str, out: BackboneOutput, input_ids_bs: jax.Array,
       raise ConfigError("pooling 'pooler' reads the pooler, which this backbone does not have")
     return out.pooled
   if pooling == "cls":
-    return x_bse[:, 0]
+    return (x_bse if out.virtual_states is None else out.virtual_states)[:, 0]
   if pooling == "mean":
     if attention_mask_bs is None:
       attention_mask_bs = jnp.ones_like(input_ids_bs)

@@ -12,6 +12,11 @@ class BackboneOutput(NamedTuple):
   hidden_states: tuple[jax.Array, ...]
   pooled: jax.Array | None = None       # BERT's pooler output (batch, embed), where it has one
   cache: Any = None                     # a decoder's updated KV cache, when one was passed
+  # Prompt tuning's virtual tokens, which the backbone ran in front of the
+  # tokens: their final states (batch, num_virtual_tokens, embed), else None.
+  # The states above hold the real tokens only (they line up with input_ids);
+  # slot 0 of what the layers saw, which a "cls" head reads, is virtual_states[:, 0].
+  virtual_states: jax.Array | None = None
 
 
 class ModelOutput(NamedTuple):

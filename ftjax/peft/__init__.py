@@ -5,3 +5,4 @@
 from ftjax.peft import lora  # noqa: F401  pylint: disable=unused-import
 from ftjax.peft import ia3, bottleneck  # noqa: F401  pylint: disable=unused-import
 from ftjax.peft import quant  # noqa: F401  pylint: disable=unused-import
+from ftjax.peft import prompt  # noqa: F401  pylint: disable=unused-import

@@ -8,6 +8,11 @@ after the base model's modules, under `base_model.model.`:
   base_model.model.<module>.lora_A.weight   a LoRA factor (`ftjax.peft.lora`)
   base_model.model.<name>                   a full tensor of `modules_to_save`
 
+Prompt-learning methods (prompt and prefix tuning, `ftjax.peft.prompt`) change
+no module, and PEFT saves them in another layout: the method's tensor at the
+top level (`prompt_embeddings`) and `modules_to_save` under `base_model.`
+(`base_model.classifier.weight`).
+
 This module writes and reads the folder, the `modules_to_save` tensors and
 the keys every PEFT type shares; the method's own tensors and config entries
 come from the adapter (`Adapter.to_peft`, and the `from_peft` importer
@@ -35,6 +40,11 @@ from ftjax.peft import adapter as adapter_lib
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+# PEFT types whose folders hold the method's tensors unprefixed and the
+# modules_to_save under `base_model.` (PEFT's `is_prompt_learning`).
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING",
+                   "CPT", "CARTRIDGE")
+_PROMPT_LEARNING_PREFIX = "base_model."
 _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS",
                "encoder": "FEATURE_EXTRACTION", "decoder": "FEATURE_EXTRACTION"}
 
@@ -77,7 +87,8 @@ def save_adapter(model: Model, params: Params, out_dir: str | os.PathLike, *,
     out_dir: the adapter folder.
     base_model_name_or_path: recorded in adapter_config.json for PEFT.
     modules_to_save: flat parameter paths trained in full besides the
-      adapters (a new classification head); saved whole.
+      adapters (a new classification head); saved whole. A prompt-learning
+      adapter of a classifier always saves the classifier, as PEFT does.
   """
   if not model.adapters:
     raise CheckpointError("save_adapter needs a model with LoRA adapters (or another adapter "
@@ -87,14 +98,22 @@ def save_adapter(model: Model, params: Params, out_dir: str | os.PathLike, *,
                           f"{', '.join(a.name for a in model.adapters)} (merge all but one)")
   flat = {p: np.asarray(jax.device_get(x), np.float32) for p, x in keymap.flatten(params).items()}
   config, method_tensors = model.adapters[0].to_peft(model, flat)
-  tensors = {_PREFIX + name: value for name, value in method_tensors.items()}
+  if config["peft_type"] in PROMPT_LEARNING:
+    prefix, tensors = _PROMPT_LEARNING_PREFIX, dict(method_tensors)
+    if model.config.task == "classification":
+      # PEFT's sequence classifiers always save (and on loading require) the
+      # classifier with a prompt-learning method.
+      modules_to_save = tuple(modules_to_save) + tuple(
+          p for p in flat if p.startswith("classifier/") and p not in modules_to_save)
+  else:
+    prefix, tensors = _PREFIX, {_PREFIX + name: value for name, value in method_tensors.items()}
   saved_modules = set()
   for path in modules_to_save:
     target = _match_flax(model, path)
     if target is None:
       raise CheckpointError(f"parameter {path!r} has no Hugging Face name to save it under")
     name, rule = target
-    tensors[_PREFIX + name] = rule.transform.to_hf(flat[path])
+    tensors[prefix + name] = rule.transform.to_hf(flat[path])
     saved_modules.add(name.split(".")[0])
   config = {**config, "task_type": _TASK_TYPES[model.config.task],
             "base_model_name_or_path": base_model_name_or_path,
@@ -111,8 +130,9 @@ def load_adapter(model: Model, params: Params, adapter_dir: str | os.PathLike,
                  rng: jax.Array | None = None) -> tuple[Model, Params]:
   """(model with the adapter, params) from a base model and a PEFT adapter folder.
 
-  The folder's `peft_type` picks the adapter's importer (LORA: `ftjax.peft.lora`);
-  `modules_to_save` tensors replace the base model's.
+  The folder's `peft_type` picks the adapter's importer (LORA: `ftjax.peft.lora`;
+  PROMPT_TUNING, PREFIX_TUNING: `ftjax.peft.prompt`); `modules_to_save` tensors
+  replace the base model's.
   """
   folder = pathlib.Path(adapter_dir)
   for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -124,16 +144,20 @@ def load_adapter(model: Model, params: Params, adapter_dir: str | os.PathLike,
     raise CheckpointError(f"{folder / CONFIG_FILE} has peft_type {config.get('peft_type')!r}; "
                           f"expected one of {', '.join(map(repr, adapter_lib.peft_types()))}")
   tensors = {}
+  prompt_learning = config["peft_type"] in PROMPT_LEARNING
+  prefix = _PROMPT_LEARNING_PREFIX if prompt_learning else _PREFIX
   for key, value in load_file(str(folder / WEIGHTS_FILE)).items():
-    if not key.startswith(_PREFIX):
+    if key.startswith(prefix):
+      key = key[len(prefix):]
+    elif not prompt_learning:  # A prompt-learning method's own tensors are unprefixed.
       raise CheckpointError(f"adapter tensor {key!r} does not start with {_PREFIX!r}")
-    tensors[key[len(_PREFIX):]] = value
+    tensors[key] = value
   adapter, values, rest = importer(model, config, tensors, str(folder))
   shapes = keymap.flatten(model.abstract_params)
   for name, value in rest.items():
     target = model.family.table.match_hf(name)
     if target is None:
-      raise CheckpointError(f"adapter tensor {_PREFIX + name!r} matches no parameter of the "
+      raise CheckpointError(f"adapter tensor {prefix + name!r} matches no parameter of the "
                             f"{model.config.model_type} model")
     values[target[0]] = target[1].transform.to_flax(value, tuple(shapes[target[0]].shape))
   adapted_model, adapted_params = adapter_lib.add_adapters(

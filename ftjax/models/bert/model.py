@@ -17,6 +17,19 @@ Parameter tree (the names partition rules, LoRA targets and sharding use):
   pooler/{kernel,bias}                       (BERT; RoBERTa's base model)
   classifier/dense/{kernel,bias}             (head: RoBERTa, DistilBERT)
   classifier/out/{kernel,bias}               (head)
+  prompt/embedding                           (prompt tuning, `ftjax.peft.prompt`)
+  encoder/layers/{i}/attention/prefix/...    (prefix tuning)
+
+Virtual tokens, as PEFT puts them on transformers' encoders: prompt tuning's
+(`prompt`: `num_virtual_tokens`, `prompt()` -> (virtual, embed)) go in front of
+the word embeddings, so they get positions 0.. and token type 0 and the
+tokens' positions follow them; prefix tuning's keys and values (`prefix`
+with `num_virtual_tokens` and `prefix()` -> the hidden state its layers read;
+each attention's `prefix(hidden)` -> keys, values (virtual, heads, head_dim))
+go in front of every layer's, and the tokens' positions start after them (as
+transformers numbers tokens after past_key_values). Every token sees them.
+The pooler (and a "cls" head) read slot 0: the first virtual token under
+prompt tuning, as transformers' heads do under PEFT.
 """
 
 import dataclasses
@@ -160,18 +173,29 @@ class Embeddings(nnx.Module):
     self.model_type = cfg.model_type
     self.pad_token_id = cfg.pad_token_id
 
-  def __call__(self, input_ids_bs, token_type_ids_bs, *, deterministic, rngs):
+  def __call__(self, input_ids_bs, token_type_ids_bs, *, prompt_bve=None, offset: int = 0,
+               deterministic, rngs):
+    """Embedded tokens, after `prompt_bve` (prompt tuning's virtual tokens) if given;
+    positions start at `offset` (prefix tuning's virtual tokens before them)."""
+    words_bse = self.word(input_ids_bs)
+    is_token_bs = (input_ids_bs != self.pad_token_id).astype(jnp.int32)
+    if prompt_bve is not None:
+      virtual = prompt_bve.shape[1]
+      words_bse = jnp.concatenate([prompt_bve.astype(words_bse.dtype), words_bse], axis=1)
+      is_token_bs = jnp.pad(is_token_bs, ((0, 0), (virtual, 0)), constant_values=1)
+      if token_type_ids_bs is not None:
+        token_type_ids_bs = jnp.pad(token_type_ids_bs, ((0, 0), (virtual, 0)))
+    shape_bs = words_bse.shape[:2]
     if self.model_type == "roberta":
       # RoBERTa numbers real tokens from pad_token_id + 1 and gives padding
       # the padding index (fairseq's make_positions).
-      is_token = (input_ids_bs != self.pad_token_id).astype(jnp.int32)
-      positions_bs = jnp.cumsum(is_token, axis=1) * is_token + self.pad_token_id
+      positions_bs = (jnp.cumsum(is_token_bs, axis=1) + offset) * is_token_bs + self.pad_token_id
     else:
-      positions_bs = jnp.broadcast_to(jnp.arange(input_ids_bs.shape[1]), input_ids_bs.shape)
-    x_bse = self.word(input_ids_bs) + self.position(positions_bs)
+      positions_bs = jnp.broadcast_to(jnp.arange(shape_bs[1]) + offset, shape_bs)
+    x_bse = words_bse + self.position(positions_bs)
     if hasattr(self, "token_type"):
       if token_type_ids_bs is None:
-        token_type_ids_bs = jnp.zeros_like(input_ids_bs)
+        token_type_ids_bs = jnp.zeros(shape_bs, jnp.int32)
       x_bse = x_bse + self.token_type(token_type_ids_bs)
     return self.dropout(self.norm(x_bse), deterministic=deterministic, rngs=rngs)
 
@@ -189,9 +213,14 @@ class SelfAttention(nnx.Module):
     self.attention_dropout = nnx.Dropout(cfg.attention_dropout)
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
-  def __call__(self, x_bse, mask, *, deterministic, rngs):
+  def __call__(self, x_bse, mask, *, prefix_hidden=None, deterministic, rngs):
     kw = dict(deterministic=deterministic, rngs=rngs)
     q_bthd, k_bshd, v_bshd = self.query(x_bse, **kw), self.key(x_bse, **kw), self.value(x_bse, **kw)
+    if hasattr(self, "prefix"):  # Prefix tuning: its keys and values first.
+      k_bshd, v_bshd = (
+          jnp.concatenate([jnp.broadcast_to(p_vhd.astype(x.dtype), (x.shape[0], *p_vhd.shape)),
+                           x], axis=1)
+          for p_vhd, x in zip(self.prefix(prefix_hidden), (k_bshd, v_bshd)))
     out_bthd = layers.attention(q_bthd, k_bshd, v_bshd, mask, dropout=self.attention_dropout,
                                 **kw)
     return self.dropout(self.output(out_bthd, **kw), **kw)
@@ -226,9 +255,10 @@ class EncoderLayer(nnx.Module):
     self.mlp_norm = layers.layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype,
                                       rngs=rngs)
 
-  def __call__(self, x_bse, mask, *, deterministic, rngs):
+  def __call__(self, x_bse, mask, *, prefix_hidden=None, deterministic, rngs):
     x_bse = self.attention_norm(
-        x_bse + self.attention(x_bse, mask, deterministic=deterministic, rngs=rngs))
+        x_bse + self.attention(x_bse, mask, prefix_hidden=prefix_hidden,
+                               deterministic=deterministic, rngs=rngs))
     return self.mlp_norm(x_bse + self.mlp(x_bse, deterministic=deterministic, rngs=rngs))
 
 
@@ -239,7 +269,12 @@ class Encoder(nnx.Module):
 
 
 class BertBackbone(nnx.Module):
-  """Embeddings + encoder (+ BERT's pooler where the config keeps it): hidden states."""
+  """Embeddings + encoder (+ BERT's pooler where the config keeps it): hidden states.
+
+  `KV_AXES` names prefix tuning's (heads, head_dim) axes (see the module docstring).
+  """
+
+  KV_AXES = ("heads", "kv")
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -254,18 +289,38 @@ class BertBackbone(nnx.Module):
                deterministic: bool = True, rngs: nnx.Rngs | None = None) -> BackboneOutput:
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    mask = layers.padding_mask(attention_mask)
-    x_bse = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+    prompt, prefix = self.num_virtual_tokens()
+    prompt_bve = None
+    if prompt:
+      prompt_ve = self.prompt()
+      prompt_bve = jnp.broadcast_to(prompt_ve, (input_ids.shape[0], *prompt_ve.shape))
+    prefix_hidden = self.prefix() if prefix else None
+    # Every token sees the virtual ones.
+    mask = layers.padding_mask(jnp.pad(attention_mask, ((0, 0), (prefix + prompt, 0)),
+                                       constant_values=1))
+    x_bse = self.embeddings(input_ids, token_type_ids, prompt_bve=prompt_bve, offset=prefix,
+                            deterministic=deterministic, rngs=rngs)
     embedded_bse = x_bse
 
     def run_layer(layer, x_bse, layer_rngs, _):
-      x_bse = layer(x_bse, mask, deterministic=deterministic, rngs=layer_rngs)
+      x_bse = layer(x_bse, mask, prefix_hidden=prefix_hidden, deterministic=deterministic,
+                    rngs=layer_rngs)
       return x_bse, x_bse
 
     x_bse, outputs = layers.run_layers(self.encoder.layers, x_bse, run_layer,
                                        execution=self.config.execution, rngs=rngs)
     pooled_be = jnp.tanh(self.pooler(x_bse[:, 0])) if hasattr(self, "pooler") else None
-    return BackboneOutput(x_bse, (embedded_bse, *outputs), pooled_be)
+    return BackboneOutput(x_bse[:, prompt:], tuple(h[:, prompt:] for h in (embedded_bse, *outputs)),
+                          pooled_be, None, x_bse[:, :prompt] if prompt else None)
+
+  def attention_modules(self) -> list[nnx.Module]:
+    """Every layer's attention module, in order (where prefix tuning adds its keys)."""
+    return [layer.attention for layer in self.encoder.layers]
+
+  def num_virtual_tokens(self) -> tuple[int, int]:
+    """(prompt tuning's, prefix tuning's) virtual tokens; 0 without the adapter."""
+    return tuple(getattr(self, name).num_virtual_tokens if hasattr(self, name) else 0
+                 for name in ("prompt", "prefix"))
 
 
 class BertFamilyModel(BertBackbone, headed.HeadedModel):

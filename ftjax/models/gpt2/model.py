@@ -20,6 +20,10 @@ Parameter tree:
   lm_head/kernel                                     (embed, vocab)   head: untied causal_lm
   classifier/out/kernel                              (embed, labels)  head: classification
 
+Prompt and prefix tuning (`ftjax.peft.prompt`) add `prompt/embedding` and
+`decoder/layers/{i}/attention/prefix/...` (see `decoder.DecoderBackbone`);
+virtual tokens take the first positions.
+
 The fused q/k/v kernel keeps GPT-2's `c_attn` as one tensor (the key table
 stays one rule per tensor); its `qkv` axis (size 3) is never sharded. LoRA
 on `.*/attention/qkv` adapts all three, as PEFT's `c_attn` target does.
@@ -160,7 +164,7 @@ class Attention(nnx.Module):
     kw = dict(deterministic=deterministic, rngs=rngs)
     qkv_bt3hd = self.qkv(x_bte, **kw)
     q_bthd, k_bthd, v_bthd = (qkv_bt3hd[:, :, i] for i in range(3))
-    k_bshd, v_bshd = ctx.attend_over(cache_kv, k_bthd, v_bthd)
+    k_bshd, v_bshd = ctx.attend_over(cache_kv, k_bthd, v_bthd, getattr(self, "prefix", None))
     out_bthd = decoder.attention(q_bthd, k_bshd, v_bshd, mask, scale=self.scale,
                                  dropout=self.attention_dropout, **kw)
     return self.dropout(self.output(out_bthd, **kw), **kw), (k_bshd, v_bshd)
@@ -214,8 +218,9 @@ class Embeddings(nnx.Module):
                                  rngs=rngs)
     self.dropout = nnx.Dropout(cfg.embedding_dropout)
 
-  def __call__(self, input_ids_bt, positions_bt, *, deterministic, rngs):
-    x_bte = self.word(input_ids_bt) + self.position(positions_bt)
+  def __call__(self, words_bte, positions_bt, *, deterministic, rngs):
+    """Token embeddings (`word`, or prompt tuning's virtual ones) + positions, dropped out."""
+    x_bte = words_bte + self.position(positions_bt)
     return self.dropout(x_bte, deterministic=deterministic, rngs=rngs)
 
 
@@ -235,8 +240,10 @@ class Gpt2Backbone(decoder.DecoderBackbone):
     self.final_norm = layers.layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps,
                                         dtype=jnp.dtype(cfg.dtype), rngs=rngs)
 
-  def embed(self, input_ids_bt, positions_bt, *, deterministic, rngs):
-    return self.embeddings(input_ids_bt, positions_bt, deterministic=deterministic, rngs=rngs)
+  KV_AXES = ("heads", "kv")
+
+  def embed(self, words_bte, positions_bt, *, deterministic, rngs):
+    return self.embeddings(words_bte, positions_bt, deterministic=deterministic, rngs=rngs)
 
   def layer_inputs(self, positions_bt):
     del positions_bt

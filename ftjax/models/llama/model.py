@@ -24,6 +24,9 @@ Parameter tree (the names partition rules, LoRA targets and sharding use):
   lm_head/kernel                                     (embed, vocab)   head: untied causal_lm
   classifier/out/kernel                              (embed, labels)  head: classification
 
+Prompt and prefix tuning (`ftjax.peft.prompt`) add `prompt/embedding` and
+`decoder/layers/{i}/attention/prefix/...` (see `decoder.DecoderBackbone`).
+
 `LlamaBackbone` returns hidden states; `LlamaFamilyModel` adds the head the
 config's task selects (`ftjax.models.heads`, style "decoder").
 """
@@ -279,7 +282,8 @@ class Attention(nnx.Module):
     if hasattr(self, "query_norm"):
       q_bthd, k_btkd = self.query_norm(q_bthd), self.key_norm(k_btkd)
     q_bthd, k_btkd = apply_rope(q_bthd, *rope), apply_rope(k_btkd, *rope)
-    k_bskd, v_bskd = ctx.attend_over(cache_kv, k_btkd, v_btkd)
+    # Prefix tuning's keys are used as trained: not rotated, not normed (as in PEFT).
+    k_bskd, v_bskd = ctx.attend_over(cache_kv, k_btkd, v_btkd, getattr(self, "prefix", None))
     out_bthd = decoder.attention(q_bthd, k_bskd, v_bskd, mask, dropout=self.attention_dropout,
                                  **kw)
     return self.output(out_bthd, **kw), (k_bskd, v_bskd)
@@ -345,9 +349,9 @@ class LlamaBackbone(decoder.DecoderBackbone):
     self.final_norm = layers.rms_norm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                       dtype=jnp.dtype(cfg.dtype))
 
-  def embed(self, input_ids_bt, positions_bt, *, deterministic, rngs):
+  def embed(self, words_bte, positions_bt, *, deterministic, rngs):
     del positions_bt, deterministic, rngs  # Positions enter through RoPE; no dropout here.
-    return self.embeddings.word(input_ids_bt)
+    return words_bte
 
   def layer_inputs(self, positions_bt):
     return rope_cos_sin(self.config, positions_bt)
