@@ -396,6 +396,15 @@ CASES = [
          {"strategy.name": "ia3", "strategy.ia3.feedforward": (".*/attention/output",)},
          ("IA3 feedforward target '.*/attention/output' matches",
           "expected feedforward targets to be a subset of the targets")),
+    Case("prompt_without_virtual_tokens", "--config.strategy.name=prompt "
+         "--config.strategy.prompt.num_virtual_tokens=0",
+         {"strategy.name": "prompt", "strategy.prompt.num_virtual_tokens": 0},
+         ("'strategy.prompt.num_virtual_tokens' is 0", "expected at least 1 virtual token")),
+    Case("prompt_beyond_the_models_positions", "--config.strategy.name=prompt "
+         "--config.strategy.prompt.num_virtual_tokens=4 (data.max_length=128 = the positions)",
+         {"strategy.name": "prompt", "strategy.prompt.num_virtual_tokens": 4},
+         ("data.max_length=128 + strategy.prompt.num_virtual_tokens=4 exceed the 128 positions",
+          "expected data.max_length <= 124 (or fewer virtual tokens)")),
 ]
 
 

@@ -354,3 +354,15 @@ def test_rules_that_would_train_the_codes_are_one_line(minilm_dir, data_dir, tmp
                      r"codes\) is trainable by the partition rules; expected") as e:
     train.setup(config, jax.devices()[:1])
   assert "\n" not in str(e.value)
+
+
+def test_a_qlora_model_is_not_exported_as_a_peft_adapter(hf_dirs, tmp_path):
+  """Its LoRA was trained on the quantised kernels: only the merged export keeps its logits."""
+  from ftjax.peft import hf_adapter, lora  # pylint: disable=g-import-not-at-top
+  config = models.config_from_pretrained(str(hf_dirs / "llama"), task="causal_lm")
+  model = models.Model.build(config, adapters=(quant.QuantSpec("int8"),
+                                               lora.LoraSpec(rank=2, alpha=4.0)))
+  with pytest.raises(CheckpointError, match=r"^this model's base is quantised \(quant: int8\), "
+                     r"which a PEFT adapter folder cannot hold; export the merged model"):
+    hf_adapter.save_adapter(model, model.init(jax.random.key(0)), tmp_path / "adapter")
+  assert not (tmp_path / "adapter").exists()

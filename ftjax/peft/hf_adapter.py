@@ -93,6 +93,14 @@ def save_adapter(model: Model, params: Params, out_dir: str | os.PathLike, *,
   if not model.adapters:
     raise CheckpointError("save_adapter needs a model with LoRA adapters (or another adapter "
                           "with a PEFT format); this one has none")
+  base = [a for a in model.adapters if getattr(a, "transforms_base", False)]
+  if base:
+    # The adapters were trained on the quantised kernels: PEFT would put them on
+    # the float base (or on bitsandbytes' own blocks) and compute other logits.
+    raise CheckpointError(f"this model's base is quantised ({base[0].name}: "
+                          f"{getattr(base[0], 'method', '')}), which a PEFT adapter folder "
+                          f"cannot hold; export the merged model (--format=merged), which "
+                          f"gives this model's own logits")
   if len(model.adapters) > 1:
     raise CheckpointError(f"a PEFT adapter folder holds one method; this model stacks "
                           f"{', '.join(a.name for a in model.adapters)} (merge all but one)")
