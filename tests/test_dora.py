@@ -87,7 +87,8 @@ def test_dora_starts_as_the_base_model_and_merges_exactly(tmp_path):
 
 
 CASES = [("bert", "classification", (r".*/attention/(query|value)",)),
-         ("llama", "causal_lm", ("all-linear",))]
+         ("llama", "causal_lm", ("all-linear",)),
+         ("gpt2", "causal_lm", (r".*/attention/qkv", r".*/mlp/down"))]
 
 
 def _torch_model(model_type, task):

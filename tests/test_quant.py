@@ -105,6 +105,7 @@ def hf_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("hf")
   hf_models.tiny_model("bert", "classification").save_pretrained(root / "bert")
   hf_models.tiny_decoder("llama", "causal_lm").save_pretrained(root / "llama")
+  hf_models.tiny_decoder("gpt2", "causal_lm").save_pretrained(root / "gpt2")
   # Wider, for bytes per parameter (kernels of 16k-64k values).
   hf_models.tiny_decoder("llama", "causal_lm", hidden_size=256, intermediate_size=512,
                          num_attention_heads=8).save_pretrained(root / "wide")
@@ -167,7 +168,7 @@ def _max_diff(a, b, mask):
 
 
 @pytest.mark.parametrize("model_type,method", [("bert", "nf4"), ("llama", "nf4"),
-                                               ("llama", "int8")])
+                                               ("llama", "int8"), ("gpt2", "nf4")])
 def test_qlora_export_reloads_in_pytorch_with_the_same_logits(hf_dirs, tmp_path, model_type,
                                                               method):
   task = "classification" if model_type == "bert" else "causal_lm"
