@@ -30,6 +30,26 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def load_script(relative_path: str):
+  """Imports a script (experiments/*.py, configs/*.py) as a module.
+
+  Experiment scripts define absl flags at import, and several define the same
+  names (--sweep_dir): those already defined by a script loaded earlier in
+  this process are dropped first, so any two scripts can be loaded by tests.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  path = REPO / relative_path
+  for name in re.findall(r"DEFINE_\w+\(\s*[\"']([\w.-]+)[\"']", path.read_text()):
+    if name in flags.FLAGS:
+      delattr(flags.FLAGS, name)
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
   """The shared datasets: $FTJAX_DATA_DIR or ../shared/data, read in place."""

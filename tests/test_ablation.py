@@ -1,7 +1,6 @@
 """experiments/freeze_ablation.py: the runs it builds, its summary, and a tiny sweep end to end."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,12 +9,9 @@ import sys
 import pytest
 
 from ftjax import config as config_lib
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
-_spec = importlib.util.spec_from_file_location("freeze_ablation",
-                                               REPO / "experiments" / "freeze_ablation.py")
-ablation = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ablation)
+ablation = load_script("experiments/freeze_ablation.py")
 
 
 def _fake_run(workdir, strategy, *, freeze_layers=0, trainable, accuracy, step_seconds):

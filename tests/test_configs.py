@@ -42,7 +42,7 @@ def _config(**overrides):
     ({"training__batch_size": 0}, "'training.batch_size' is 0"),
     ({"optimizer__learning_rate": -1e-3}, "'optimizer.learning_rate' is -0.001"),
     ({"strategy__lora__rank": 0}, "'strategy.lora.rank' is 0"),
-    ({"strategy__name": "prefix"}, "'strategy.name' is 'prefix'"),
+    ({"strategy__name": "adalora"}, "'strategy.name' is 'adalora'"),
     ({"optimizer__warmup_steps": 10, "optimizer__warmup_fraction": 0.1},
      "'optimizer.warmup_steps' is 10"),
     ({"training__num_epochs": 0.0}, "'training.num_epochs' is 0.0"),

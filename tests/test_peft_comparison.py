@@ -1,7 +1,6 @@
 """experiments/peft_comparison.py: its points, the learning-rate selection, and a tiny run."""
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,12 +8,9 @@ import sys
 import pytest
 
 from ftjax.errors import FtjaxError
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
-_spec = importlib.util.spec_from_file_location("peft_comparison",
-                                               REPO / "experiments" / "peft_comparison.py")
-comparison = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(comparison)
+comparison = load_script("experiments/peft_comparison.py")
 
 
 def test_every_method_of_the_issue_is_in_the_minilm_table():
