@@ -29,7 +29,7 @@ SOURCES = ("files", "hf", "tfds")
 # ia3, ...) is a strategy.name: the adapters and the head train.
 STRATEGIES = ("full", "freeze", "head_only")
 MESH_AXES = ("data", "fsdp", "tensor")
-TEMPLATES = ("alpaca", "chat")
+TEMPLATES = ("alpaca", "chat", "raw")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -102,7 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.input_column = "input"
   c.data.output_column = "output"
   # "alpaca": the Alpaca prompt ("### Instruction: ... ### Response:");
-  # "chat": the tokenizer's chat template (a user turn + generation prompt).
+  # "chat": the tokenizer's chat template (a user turn + generation prompt);
+  # "raw": preference prompts as they are (`ftjax.data.preference`).
   c.data.template = "alpaca"
   # Pack several examples into each max_length row (segment ids keep them
   # apart; positions restart); False pads each example to its bucket.
@@ -110,6 +111,13 @@ def default_config() -> ml_collections.ConfigDict:
   # Multi-task mixing: ((name, path, weight), ...) read instead of data.path;
   # training samples task t with probability weight_t / sum(weights).
   c.data.mixture = ()
+  # Preference pairs (`ftjax.data.preference`): {prompt, chosen, rejected}
+  # records (or chat messages); a pair too long for max_length first loses the
+  # start of its prompt, down to `min_prompt_tokens`.
+  c.data.prompt_column = "prompt"
+  c.data.chosen_column = "chosen"
+  c.data.rejected_column = "rejected"
+  c.data.min_prompt_tokens = 64
 
   c.strategy = ml_collections.ConfigDict()
   # "full" | "freeze" (embeddings + the first `freeze_layers` layers) |

@@ -102,6 +102,8 @@ def render(record: dict, data_config: ml_collections.ConfigDict, tokenizer) -> s
     user = f"{instruction}\n\n{extra}" if extra else instruction
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)
+  if data_config.template == "raw":
+    return f"{instruction}\n\n{extra}" if extra else instruction
   if extra:
     return ALPACA_PROMPT.format(instruction=instruction, input=extra)
   return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)

@@ -89,15 +89,8 @@ def load_records(path: str, split: str, data_config: ml_collections.ConfigDict, 
   Records need the output column and the instruction or the input column.
   With `max_examples` > 0, only the first `max_examples` records.
   """
-  source = data_config.source
-  if source == "files":
-    dataset = _load_files(path, split)
-  elif source == "hf":
-    dataset = _load_hub(path or data_config.name, split)
-  else:
-    raise ConfigError(f"data.source is {source!r}; instruction data (model.task='causal_lm') "
-                      f"is read from 'files' or 'hf'")
-  where = f"{source} split {split!r} of {path or data_config.name!r}"
+  dataset, where = load_table(path, split, data_config, what="instruction data "
+                              "(model.task='causal_lm')")
   columns = dataset.column_names
   if data_config.output_column not in columns:
     raise ConfigError(f"data.output_column {data_config.output_column!r} is not a column of "
@@ -106,9 +99,25 @@ def load_records(path: str, split: str, data_config: ml_collections.ConfigDict, 
     raise ConfigError(f"the {where} has neither data.instruction_column "
                       f"{data_config.instruction_column!r} nor data.input_column "
                       f"{data_config.input_column!r}; available columns: {', '.join(columns)}")
+  return _first(dataset, max_examples)
+
+
+def load_table(path: str, split: str, data_config: ml_collections.ConfigDict, *,
+               what: str) -> tuple[datasets.Dataset, str]:
+  """(records, where they came from) of a split of jsonl/json/csv/parquet files under
+  `path` ("files") or of a hub dataset ("hf"); an empty split is an error. `what`
+  names the data in errors."""
+  source = data_config.source
+  if source == "files":
+    dataset = _load_files(path, split)
+  elif source == "hf":
+    dataset = _load_hub(path or data_config.name, split)
+  else:
+    raise ConfigError(f"data.source is {source!r}; {what} is read from 'files' or 'hf'")
+  where = f"{source} split {split!r} of {path or data_config.name!r}"
   if len(dataset) == 0:
     raise ConfigError(f"the {where} is empty; expected at least one example")
-  return _first(dataset, max_examples)
+  return dataset, where
 
 
 def _first(dataset: datasets.Dataset, max_examples: int) -> datasets.Dataset:
