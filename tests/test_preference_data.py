@@ -52,10 +52,11 @@ def test_real_hh_rlhf_pairs_rows_and_masks(tokenizer, data_dir):
   chosen = tokenizer.decode(split.input_ids[i][p:], skip_special_tokens=True)
   assert record["chosen"].startswith(chosen[:20].strip()) or chosen.strip() in record["chosen"]
   batch = preference.make_batch(split, np.asarray([0, 3]), 128, np.ones(2, np.float32))
-  assert batch["input_ids"].shape == (4, 128) and batch["weights"].shape == (2,)
-  for row, ids in ((0, split.input_ids[0]), (1, split.rejected_ids[0]), (2, split.input_ids[3])):
+  assert batch["input_ids"].shape == (2, 2, 128) and batch["weights"].shape == (2,)
+  for row, ids in (((0, 0), split.input_ids[0]), ((0, 1), split.rejected_ids[0]),
+                   ((1, 0), split.input_ids[3])):
     n = len(ids)
-    prompt = split.prompt_lengths[0 if row < 2 else 3]
+    prompt = split.prompt_lengths[0 if row[0] == 0 else 3]
     assert batch["segment_ids"][row].sum() == n
     # The mask covers exactly the response tokens and EOS as targets.
     weights = batch["target_weights"][row]
@@ -115,10 +116,10 @@ def test_train_batches_pair_rows_and_one_shape_per_bucket(tokenizer, data_dir):
   it = preference.train_iterator(split, global_batch_size=4, buckets=buckets, seed=0,
                                  num_steps=6)
   for batch in it:
-    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] in buckets
+    assert batch["input_ids"].shape[:2] == (4, 2) and batch["input_ids"].shape[2] in buckets
     for k, i in enumerate(batch["pair_ids"]):
-      n = len(split.input_ids[i])
-      np.testing.assert_array_equal(batch["input_ids"][2 * k, :n], split.input_ids[i])
+      n = len(split.rejected_ids[i])
+      np.testing.assert_array_equal(batch["input_ids"][k, 1, :n], split.rejected_ids[i])
   total = sum(b["weights"].sum() for b in preference.eval_batches(
       split, global_batch_size=4, buckets=buckets))
   assert total == len(split)

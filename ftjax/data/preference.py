@@ -15,13 +15,14 @@ its prompt (down to `data.min_prompt_tokens`, the end of the dialogue is what
 the responses answer), then the end of its longer response; a pair whose
 prompt alone leaves no room is dropped; both counts are logged.
 
-A batch of P pairs has 2P rows, pair i's chosen at row 2i and rejected at
-2i + 1, padded together to the pair's bucket length (length-bucketed by the
-longer row, `ftjax.data.batching`): `input_ids`, `positions`, `segment_ids`
-(1 on real tokens, 0 on padding), `targets`, `target_weights` (the response
-mask), and `weights` (P,), a pair's weight (0 for eval filler pairs), plus
-`pair_ids` (P,) for bookkeeping (precomputed reference log-probabilities are
-looked up by it).
+A batch of P pairs is pair-major, (P, 2, length): `[i, 0]` the chosen row and
+`[i, 1]` the rejected row of pair i, padded together to the pair's bucket
+length (length-bucketed by the longer row, `ftjax.data.batching`), so
+sharding and gradient accumulation, which cut the leading axis, never split
+a pair: `input_ids`, `positions`, `segment_ids` (1 on real tokens, 0 on
+padding), `targets`, `target_weights` (the response mask); `weights` (P,), a
+pair's weight (0 for eval filler pairs); `pair_ids` (P,), which pair it is
+(precomputed reference log-probabilities are looked up by it).
 """
 
 import dataclasses
@@ -158,22 +159,22 @@ def load_split(data_config: ml_collections.ConfigDict, split: str, tokenizer, *,
 
 def make_batch(split: PreferenceSplit, pairs: np.ndarray, length: int,
                weights: np.ndarray) -> dict[str, np.ndarray]:
-  """The 2P-row batch of `pairs` padded to `length` (see the module docstring)."""
-  rows = 2 * len(pairs)
-  input_ids = np.zeros((rows, length), np.int32)
-  segment_ids = np.zeros((rows, length), np.int32)
-  positions = np.zeros((rows, length), np.int32)
-  targets = np.zeros((rows, length), np.int32)
-  target_weights = np.zeros((rows, length), np.float32)
+  """The (P, 2, length) batch of `pairs` (see the module docstring)."""
+  shape = (len(pairs), 2, length)
+  input_ids = np.zeros(shape, np.int32)
+  segment_ids = np.zeros(shape, np.int32)
+  positions = np.zeros(shape, np.int32)
+  targets = np.zeros(shape, np.int32)
+  target_weights = np.zeros(shape, np.float32)
   for k, i in enumerate(pairs):
-    for row, ids in ((2 * k, split.input_ids[i]), (2 * k + 1, split.rejected_ids[i])):
+    for row, ids in (((k, 0), split.input_ids[i]), ((k, 1), split.rejected_ids[i])):
       n = len(ids)
-      input_ids[row, :n] = ids
-      segment_ids[row, :n] = 1
-      positions[row, :n] = np.arange(n)
-      targets[row, :n - 1] = ids[1:]
+      input_ids[row][:n] = ids
+      segment_ids[row][:n] = 1
+      positions[row][:n] = np.arange(n)
+      targets[row][:n - 1] = ids[1:]
       # Slot t predicts token t + 1: a loss where token t + 1 is in the response.
-      target_weights[row, split.prompt_lengths[i] - 1:n - 1] = 1.0
+      target_weights[row][split.prompt_lengths[i] - 1:n - 1] = 1.0
   return {"input_ids": input_ids, "segment_ids": segment_ids, "positions": positions,
           "targets": targets, "target_weights": target_weights,
           "weights": np.asarray(weights, np.float32), "pair_ids": np.asarray(pairs, np.int32)}

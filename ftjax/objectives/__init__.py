@@ -11,6 +11,7 @@ from ftjax.objectives.base import Data, Objective
 from ftjax.objectives.causal_lm import CausalLM
 from ftjax.objectives.classification import Classification
 from ftjax.objectives.distill import Distill
+from ftjax.objectives.preference import Preference
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -45,6 +46,7 @@ def get(name: str) -> type[Objective]:
 register(Classification)
 register(CausalLM)
 register(Distill)
+register(Preference)
 
-__all__ = ["CausalLM", "Classification", "Data", "Distill", "Objective", "get", "name_of",
-           "names", "register"]
+__all__ = ["CausalLM", "Classification", "Data", "Distill", "Objective", "Preference", "get",
+           "name_of", "names", "register"]
